@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -13,12 +15,13 @@ def reduce_loss(loss: float, finite_grads: bool, device: torch.device | None) ->
     one ``all_reduce`` of two float64 scalars, so every rank takes the same step size and the
     same skip decision.
     """
-    import math
-
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return loss, finite_grads and math.isfinite(loss)
-    if device is None or (device.type == "cpu" and dist.get_backend() == "nccl"):
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    if dist.get_backend() == "nccl":
+        if device is None or device.type != "cuda":
+            device = torch.device("cuda", torch.cuda.current_device())
+    elif device is None:
+        device = torch.device("cpu")
     bad = 0.0 if finite_grads and math.isfinite(loss) else 1.0
     buf = torch.tensor([loss if bad == 0.0 else 0.0, bad], dtype=torch.float64, device=device)
     dist.all_reduce(buf)
