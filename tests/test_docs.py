@@ -1,0 +1,18 @@
+"""The runnable examples of the docs run (every python block that starts with an import)."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+BLOCKS = [(path.name, i, code) for path in DOCS
+          for i, code in enumerate(re.findall(r"```python\n(.*?)```", path.read_text(), re.S))
+          if code.startswith(("import", "from"))]
+
+
+@pytest.mark.parametrize("name,index,code", BLOCKS, ids=[f"{n}-{i}" for n, i, _ in BLOCKS])
+def test_doc_example_runs(name, index, code, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, f"{name}[{index}]", "exec"), {"__name__": "__doc_example__"})
