@@ -75,7 +75,8 @@ def run(make_opt, seed: int, steps: int, data) -> dict:
         logits = net(xte)
         test_loss = F.cross_entropy(logits, yte).item()
         acc = (logits.argmax(1) == yte).float().mean().item()
-    return {"train_loss": sum(curve[-20:]) / 20, "test_loss": test_loss, "test_acc": acc, "curve": curve}
+    tail = curve[-20:]
+    return {"train_loss": sum(tail) / len(tail), "test_loss": test_loss, "test_acc": acc, "curve": curve}
 
 
 def main(argv=None) -> dict:
@@ -120,7 +121,8 @@ def main(argv=None) -> dict:
         fig, ax = plt.subplots(figsize=(8, 5))
         for name, r in results.items():
             curve = torch.tensor(r["curve_seed0"])
-            smooth = torch.nn.functional.avg_pool1d(curve[None, None], 20, 1)[0, 0]
+            window = min(20, len(curve))
+            smooth = torch.nn.functional.avg_pool1d(curve[None, None], window, 1)[0, 0]
             ax.plot(smooth.numpy(), label=name, lw=2 if "Emo" in name else 1, ls="-" if "Emo" in name else "--")
         ax.set_yscale("log")
         ax.set_xlabel("step")

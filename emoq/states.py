@@ -4,55 +4,274 @@ The update rules (``emoq/optim/*.py``) only ever see plain fp32 working tensors.
 turns a stored state into such a working tensor (``load``), writes the result back
 (``store``), and converts states to and from plain tensors for checkpoints
 (``export`` / ``import_``).
+
+Precisions:
+
+- ``"fp32"``: the state is the working tensor itself, updated in place.
+- ``"bf16"``: kept in bfloat16, updated in fp32, rounded back to nearest.
+- ``"8bit"``: torchao ``OptimState8bit`` (dynamic-tree map, blocks of 256, one fp32 scale per
+  block: 1 + 4/256 = 1.0156 B/element).
+- ``"4bit"``: torchao ``OptimState4bit`` (blocks of 128: 0.5 + 4/128 = 0.5313 B/element).
+- ``"fp8"``: torchao ``OptimStateFp8`` (e4m3, blocks of 256: 1.0156 B/element).
+
+Low-bit specifics (docs/precision.md):
+
+- A state marked ``signed=False`` (a second moment, something that ends in a denominator) is
+  stored as its square root, on a map without zero: the smallest code of the 8-bit unsigned
+  map is the smallest positive value instead of 0, torchao's 4-bit unsigned map has no zero,
+  and an fp8 zero dequantizes to the smallest positive subnormal of its block. A stored
+  second moment therefore never dequantizes to 0.
+- Tensors with fewer than ``min_lowbit_size`` elements, or whose size is not a multiple of the
+  block size, keep fp32 states (the "small-tensor fallback").
+
+Quantization itself is torchao's (``torchao.optim.quant_utils`` and ``subclass_fp8``); this
+module only chooses the maps and moves bytes. The functions on plain parts (``dequantize_parts``,
+``quantize_parts_``) are what the fused kernels in :mod:`emoq.fused` compile.
 """
 
 from __future__ import annotations
+
+import math
+from typing import Any
 
 import torch
 from torch import Tensor
 
 PRECISIONS = ("fp32", "bf16", "8bit", "4bit", "fp8")
-IMPLEMENTED = ("fp32", "bf16")
+LOWBIT = ("8bit", "4bit", "fp8")
+IMPLEMENTED = PRECISIONS
+BLOCK_SIZE = {"8bit": 256, "4bit": 128, "fp8": 256}
+DEFAULT_MIN_LOWBIT_SIZE = 4096
+FP8 = torch.float8_e4m3fn
+FP8_MAX = float(torch.finfo(FP8).max)
+FP8_TINY = 2.0 ** -9  # smallest positive e4m3fn subnormal
+
+_QMAPS: dict[tuple[str, bool], tuple[float, ...]] = {}
+
+
+def qmap(precision: str, signed: bool) -> tuple[float, ...]:
+    """The code -> value map of a low-bit precision (``()`` for fp8, which has none).
+
+    8-bit: torchao's dynamic-tree maps; the unsigned one has its 0 replaced by half its smallest
+    positive value (zero-free). 4-bit: torchao's maps (the unsigned one is linear without zero).
+    """
+    key = (precision, signed)
+    if key not in _QMAPS:
+        if precision == "8bit":
+            from torchao.optim.subclass_8bit import get_qmap_signed, get_qmap_unsigned
+
+            values = list(get_qmap_signed() if signed else get_qmap_unsigned())
+            if not signed:
+                assert values[0] == 0.0
+                values[0] = values[1] / 2  # zero-free: the smallest code stays positive
+        elif precision == "4bit":
+            from torchao.optim.subclass_4bit import get_qmap_signed, get_qmap_unsigned
+
+            values = list(get_qmap_signed() if signed else get_qmap_unsigned())
+            assert signed or min(values) > 0
+        else:
+            values = []
+        _QMAPS[key] = tuple(values)
+    return _QMAPS[key]
+
+
+# ---------------------------------------------------------------------- plain-part kernels
+def dequantize_parts(precision: str, signed: bool, codes: Tensor, scale: Tensor, qmap_t: Tensor | None,
+                     numel: int) -> Tensor:
+    """fp32 values (flat, ``numel`` long) of a low-bit state given as plain tensors.
+
+    Unsigned states are stored as a square root: the square is returned.
+    """
+    from torchao.optim.quant_utils import dequant_with_qmap
+
+    if precision == "8bit":
+        x = dequant_with_qmap(codes.view(-1), qmap_t, scale).view(-1)
+    elif precision == "4bit":
+        unpacked = torch.stack([codes >> 4, codes & 0b1111], dim=-1).view(-1)
+        x = dequant_with_qmap(unpacked, qmap_t, scale).view(-1)
+    else:
+        blocks = codes.view(scale.numel(), -1).float()
+        if not signed:  # zero-free: an fp8 zero reads as the smallest positive subnormal
+            blocks = blocks.clamp_min(FP8_TINY)
+        x = (blocks * scale.view(-1, 1)).view(-1)
+    return x.square() if not signed else x
+
+
+def quantize_parts_(precision: str, signed: bool, codes: Tensor, scale: Tensor, qmap_t: Tensor | None,
+                    x: Tensor) -> None:
+    """Quantize the fp32 values ``x`` into ``codes``/``scale`` in place (unsigned: stores sqrt)."""
+    from torchao.optim.quant_utils import quantize_4bit_with_qmap, quantize_8bit_with_qmap, scale_tensor
+
+    x = x.reshape(-1)
+    if not signed:
+        x = x.clamp_min(0).sqrt()
+    block = x.numel() // scale.numel()
+    if precision == "8bit":
+        scaled, s = scale_tensor(x, block)
+        codes.view(-1).copy_(quantize_8bit_with_qmap(scaled, qmap_t))
+    elif precision == "4bit":
+        scaled, s = scale_tensor(x, block)
+        q = quantize_4bit_with_qmap(scaled, qmap_t)
+        codes.copy_((q[::2] << 4) | q[1::2])
+    else:
+        from torchao.optim.subclass_fp8 import quantize_fp8
+
+        q, s = quantize_fp8(x, block)
+        codes.view(-1).copy_(q.view(-1))
+    scale.copy_(s)
+
+
+def parts(state: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+    """``(codes, scale, qmap)`` of a torchao low-bit state (qmap ``None`` for fp8)."""
+    return state.codes, state.scale, getattr(state, "qmap", None)
+
+
+def precision_of(state: Any) -> str:
+    """The precision a stored state is kept in."""
+    name = type(state).__name__
+    if name == "OptimState8bit":
+        return "8bit"
+    if name == "OptimState4bit":
+        return "4bit"
+    if name == "OptimStateFp8":
+        return "fp8"
+    return "bf16" if state.dtype == torch.bfloat16 else "fp32"
+
+
+def is_lowbit(state: Any) -> bool:
+    return precision_of(state) in LOWBIT
+
+
+def state_bytes(state: Any) -> int:
+    """Bytes a stored state occupies (codes + scales; the shared qmap counted once per state)."""
+    if is_lowbit(state):
+        c, s, q = parts(state)
+        return c.numel() * c.element_size() + s.numel() * s.element_size() + (
+            0 if q is None else q.numel() * q.element_size())
+    return state.numel() * state.element_size()
 
 
 class StateStorage:
     """How optimizer states are kept for one optimizer.
 
     Args:
-        precision: ``"fp32"`` (states are the working tensors themselves, updated in place)
-            or ``"bf16"`` (kept in bfloat16, updated in fp32 and rounded back to nearest).
+        precision: ``"fp32"``, ``"bf16"``, ``"8bit"``, ``"4bit"`` or ``"fp8"`` (module doc).
+        min_lowbit_size: states of tensors with fewer elements than this keep fp32 (low-bit
+            precisions only; default 4096, like bitsandbytes' ``min_8bit_size``). A tensor
+            whose size is not a multiple of the block size (256; 128 for 4-bit) keeps fp32 too.
     """
 
-    def __init__(self, precision: str = "fp32") -> None:
+    def __init__(self, precision: str = "fp32", min_lowbit_size: int = DEFAULT_MIN_LOWBIT_SIZE) -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"state_precision must be one of {PRECISIONS}, got {precision!r}")
-        if precision not in IMPLEMENTED:
-            raise NotImplementedError(
-                f"state_precision={precision!r} is not available in this release; "
-                f"available: {IMPLEMENTED}"
-            )
+        if isinstance(min_lowbit_size, bool) or not isinstance(min_lowbit_size, int) or min_lowbit_size < 0:
+            raise ValueError(f"min_lowbit_size must be an int >= 0, got {min_lowbit_size!r}")
         self.precision = precision
-        self.dtype = torch.float32 if precision == "fp32" else torch.bfloat16
+        self.min_lowbit_size = min_lowbit_size
+        self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        self._qmap_tensors: dict[tuple[bool, torch.device], Tensor] = {}
+
+    # -------------------------------------------------------------- allocation
+    def uses_lowbit(self, numel: int) -> bool:
+        """Whether a state of ``numel`` elements is quantized (else it is fp32 / bf16)."""
+        if self.precision not in LOWBIT:
+            return False
+        block = BLOCK_SIZE[self.precision]
+        return numel >= max(self.min_lowbit_size, 1) and numel % block == 0
+
+    def _qmap_tensor(self, signed: bool, device: torch.device) -> Tensor:
+        key = (signed, torch.device(device))
+        if key not in self._qmap_tensors:  # one map per optimizer, shared by all its states
+            self._qmap_tensors[key] = torch.tensor(qmap(self.precision, signed), dtype=torch.float32,
+                                                   device=device)
+        return self._qmap_tensors[key]
 
     def zeros(self, shape: torch.Size | tuple[int, ...], *, signed: bool, device: torch.device) -> Tensor:
         """A new zero state. ``signed=False`` marks a state that is never negative."""
-        del signed  # only the low-bit maps care
-        return torch.zeros(shape, dtype=self.dtype, device=device)
+        shape = tuple(int(s) for s in shape)
+        numel = math.prod(shape)
+        if not self.uses_lowbit(numel):
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+            return torch.zeros(shape, dtype=dtype, device=device)
+        block = BLOCK_SIZE[self.precision]
+        if self.precision == "8bit":
+            from torchao.optim.subclass_8bit import OptimState8bit
 
+            codes = torch.zeros(shape, dtype=torch.uint8, device=device)
+            state = OptimState8bit(codes, torch.zeros(numel // block, device=device),
+                                   self._qmap_tensor(signed, device), signed)
+        elif self.precision == "4bit":
+            from torchao.optim.subclass_4bit import OptimState4bit
+
+            codes = torch.zeros(numel // 2, dtype=torch.uint8, device=device)
+            state = OptimState4bit(codes, torch.zeros(numel // block, device=device),
+                                   self._qmap_tensor(signed, device), signed, shape)
+        else:
+            from torchao.optim.subclass_fp8 import OptimStateFp8
+
+            state = OptimStateFp8(torch.zeros(shape, dtype=FP8, device=device),
+                                  torch.zeros(numel // block, device=device))
+            state.signed = signed  # fp8 has no map; remember how to read it
+        if not signed:  # sqrt storage of 0
+            quantize_parts_(self.precision, signed, *parts(state), torch.zeros(numel, device=device))
+        return state
+
+    # -------------------------------------------------------------- working copies
     def load(self, state: Tensor) -> Tensor:
         """The fp32 working tensor for ``state`` (the state itself when it is fp32)."""
+        if is_lowbit(state):
+            return dequantize_parts(precision_of(state), state.signed, *parts(state),
+                                    state.numel()).view(state.shape)
         return state if state.dtype == torch.float32 else state.float()
 
     def store(self, state: Tensor, work: Tensor) -> None:
         """Write the updated working tensor back into ``state``."""
-        if work is not state:
+        if is_lowbit(state):
+            quantize_parts_(precision_of(state), state.signed, *parts(state), work)
+        elif work is not state:
             state.copy_(work)
 
-    def export(self, state: Tensor) -> Tensor:
-        """A plain tensor for ``state_dict()`` (loadable with ``torch.load(weights_only=True)``)."""
-        return state
+    # -------------------------------------------------------------- checkpoints
+    def export(self, state: Tensor) -> Tensor | dict[str, Any]:
+        """A plain value for ``state_dict()`` (loadable with ``torch.load(weights_only=True)``).
 
-    def import_(self, value: Tensor, *, signed: bool, device: torch.device) -> Tensor:
-        """A stored state built from a checkpoint tensor of any supported precision."""
-        del signed
-        return value.detach().to(device=device, dtype=self.dtype, copy=True)
+        fp32/bf16 states are returned as they are. A low-bit state is exported as its own
+        bytes: ``{"precision", "signed", "shape", "codes", "scale"}`` (plain tensors, same size
+        as in memory); the map is implied by precision and sign.
+        """
+        if not is_lowbit(state):
+            return state
+        codes, scale, _ = parts(state)
+        return {"precision": precision_of(state), "signed": bool(state.signed), "shape": list(state.shape),
+                "codes": codes.detach().clone(), "scale": scale.detach().clone()}
+
+    def import_(self, value: Tensor | dict[str, Any], *, signed: bool, device: torch.device) -> Tensor:
+        """A stored state built from a checkpoint value saved at any supported precision.
+
+        Same precision and sign: the codes are copied (bit-exact resume). Otherwise the saved
+        value is dequantized to fp32 and re-stored at this storage's precision.
+        """
+        if isinstance(value, dict):
+            shape = tuple(int(s) for s in value["shape"])
+            prec, vsigned = value["precision"], bool(value["signed"])
+            if prec not in LOWBIT:
+                raise ValueError(f"unknown saved state precision {prec!r}")
+            state = None
+            if prec == self.precision and vsigned == signed and self.uses_lowbit(math.prod(shape)):
+                state = self.zeros(shape, signed=signed, device=device)
+                c, s, _ = parts(state)
+                if c.shape == value["codes"].shape and s.shape == value["scale"].shape:
+                    c.copy_(value["codes"].to(device))
+                    s.copy_(value["scale"].to(device))
+                    return state
+            q = torch.tensor(qmap(prec, vsigned), dtype=torch.float32, device=device) if prec != "fp8" else None
+            codes = value["codes"].to(device)
+            full = dequantize_parts(prec, vsigned, codes, value["scale"].to(device), q, math.prod(shape))
+            value = full.view(shape)
+        value = value.detach().to(device=device)
+        state = self.zeros(value.shape, signed=signed, device=device)
+        if is_lowbit(state):
+            self.store(state, value.float())
+        else:
+            state.copy_(value)
+        return state
