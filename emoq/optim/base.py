@@ -18,9 +18,11 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from emoq import compensate
 from emoq.distributed import reduce_loss
+from emoq.fused import FUSED_FAMILIES, FusedKernels, step_scalars
 from emoq.pulse import EmoPulse
-from emoq.states import StateStorage
+from emoq.states import DEFAULT_MIN_LOWBIT_SIZE, StateStorage, is_lowbit
 
 NO_LOSS_MESSAGE = (
     "{name}.step() got no loss: emoPulse computes the step size from the loss, and emoq never "
@@ -71,7 +73,20 @@ class EmoOptimizer(Optimizer):
         weight_decay: decoupled weight decay, >= 0 (multiplied by the step size).
         use_shadow: keep a shadow copy of each parameter (SPEC.md, "Optional shadow"). The
             shadow is stored in the parameter's dtype.
-        state_precision: how states are stored: ``"fp32"`` or ``"bf16"``.
+        state_precision: how states are stored: ``"fp32"``, ``"bf16"``, ``"8bit"``, ``"4bit"``
+            or ``"fp8"`` (torchao blockwise states; see docs/precision.md).
+        min_lowbit_size: with a low-bit ``state_precision``, the states of a parameter with
+            fewer elements than this stay fp32 (default 4096; bitsandbytes' ``min_8bit_size``).
+            Sizes that are not a multiple of the block (256; 128 at 4 bits) stay fp32 too.
+        compensation: how an updated bf16/fp16 parameter is rounded back: ``"none"`` (to
+            nearest), ``"stochastic"`` (unbiased, no memory), ``"error_feedback"`` (residual
+            kept in the param dtype, 2 B/param for bf16; the default, chosen by measurement,
+            docs/precision.md) or ``"error_feedback8"`` (residual in int8 ulp units, 1 B/param).
+            No effect on fp32 parameters.
+        fused: run EmoSens/EmoCats as one compiled dequantize -> rule -> requantize function
+            per parameter. ``None`` (default): fused for low-bit states, eager reference-exact
+            rule otherwise. ``True``: fused everywhere (fp32 too; fast, not bit-identical to
+            the reference). ``False``: never. ``EMOQ_COMPILE=0`` runs fused kernels uncompiled.
     """
 
     stop_thresholds: tuple[float, float] = (1e-6, 1e-7)
@@ -86,11 +101,22 @@ class EmoOptimizer(Optimizer):
         weight_decay: float = 0.01,
         use_shadow: bool = False,
         state_precision: str = "fp32",
+        min_lowbit_size: int = DEFAULT_MIN_LOWBIT_SIZE,
+        compensation: str | None = None,
+        fused: bool | None = None,
     ) -> None:
         if isinstance(lr, Tensor) or not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
             raise ValueError(f"lr (the pulse scope) must be a finite float > 0, got {lr!r}")
         self._check_hparams(betas, eps, weight_decay)
-        self._storage = StateStorage(state_precision)
+        self._storage = StateStorage(state_precision, min_lowbit_size)
+        self.min_lowbit_size = min_lowbit_size
+        self.compensation = compensate.check_compensation(compensation)
+        if fused not in (None, True, False):
+            raise ValueError(f"fused must be None, True or False, got {fused!r}")
+        self.fused = fused
+        self._kernels: FusedKernels | None = None
+        self._family = next((c.__name__ for c in type(self).__mro__ if c.__name__ in FUSED_FAMILIES
+                             and c.__module__.startswith("emoq.optim.")), None)
         defaults = dict(lr=float(lr), betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         self.use_shadow = bool(use_shadow)
         self.state_precision = state_precision
@@ -234,21 +260,34 @@ class EmoOptimizer(Optimizer):
         if self.use_shadow:
             state["shadow"] = p.detach().clone()
 
+    _NOT_RULE_STATES = ("shadow", "residual")
+
+    def _use_fused(self, p: Tensor, states: list[Tensor]) -> bool:
+        if self._family is None or self.fused is False or not p.is_contiguous():
+            return False
+        return bool(self.fused) or any(is_lowbit(s) for s in states)
+
     def _update_param(self, p: Tensor, group: dict, lr: float) -> None:
         state = self.state[p]
         if not state:
             self._init_state(p, state)
-        names = [n for n in state if n != "shadow"]
-        work = {n: self._storage.load(state[n]) for n in names}
-        p_work = p if p.dtype == torch.float32 else p.float()
+        names = [n for n in state if n not in self._NOT_RULE_STATES]
+        p_work = compensate.working_copy(p, state, self.compensation)
         g = p.grad if p.grad.dtype == torch.float32 else p.grad.float()
         if self.use_shadow:
             self._shadow_step(p_work, state["shadow"])
-        self._rule(p_work, g, work, group, lr)
-        for n in names:
-            self._storage.store(state[n], work[n])
-        if p_work is not p:
-            p.copy_(p_work)
+        states = [state[n] for n in names]
+        if self._use_fused(p_work, states):
+            if self._kernels is None:
+                self._kernels = FusedKernels()
+            self._kernels.run(self._family, p_work.view(-1), g.reshape(-1), states,
+                              step_scalars(lr, group, p.device))
+        else:
+            work = {n: self._storage.load(state[n]) for n in names}
+            self._rule(p_work, g, work, group, lr)
+            for n in names:
+                self._storage.store(state[n], work[n])
+        compensate.write_back(p, p_work, state, self.compensation)
 
     def _shadow_step(self, p: Tensor, shadow: Tensor) -> None:
         """SPEC.md "Optional shadow", applied before the moment update."""
@@ -274,7 +313,8 @@ class EmoOptimizer(Optimizer):
         """
         sd = super().state_dict()
         sd["state"] = {
-            pid: {name: (value if name == "shadow" or not isinstance(value, Tensor) else self._storage.export(value))
+            pid: {name: (value if name in self._NOT_RULE_STATES or not isinstance(value, Tensor)
+                         else self._storage.export(value))
                   for name, value in st.items()}
             for pid, st in sd["state"].items()
         }
@@ -283,6 +323,7 @@ class EmoOptimizer(Optimizer):
             "pulse": self._pulse.state_dict(),
             "skipped_steps": self.skipped_steps,
             "state_precision": self.state_precision,
+            "compensation": self.compensation,
             "recorded": [float(x) for x in self._recorded],
         }
         return sd
@@ -307,6 +348,9 @@ class EmoOptimizer(Optimizer):
             for name, value in saved.items():
                 if name == "shadow":
                     rebuilt[name] = value.detach().to(device=p.device, dtype=p.dtype, copy=True)
+                elif name == "residual":  # compensation buffer: param dtype, or int8 ulp units
+                    if compensate.needs_compensation(p) and self.compensation == emo.get("compensation"):
+                        rebuilt[name] = value.detach().to(device=p.device, copy=True)
                 elif name in specs:
                     rebuilt[name] = self._storage.import_(value, signed=specs[name].signed, device=p.device)
                 else:
