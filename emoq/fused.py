@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from emoq.states import dequantize_parts, is_lowbit, parts, precision_of, quantize_parts_
+from emoq.states import StateStorage, dequantize_parts, precision_of, quantize_parts_
 
 FUSED_FAMILIES = ("EmoSens", "EmoCats")
 
@@ -68,9 +68,11 @@ def _load(layout: tuple[str, bool], st: Sequence[Tensor], n: int) -> Tensor:
 
 
 def _store(layout: tuple[str, bool], st: Sequence[Tensor], x: Tensor) -> None:
+    # st: [state] | [codes, scale] (fp8) | [codes, scale, qmap] | [codes, scale, qmap, first, thresholds]
     prec, signed = layout
     if prec in ("8bit", "4bit", "fp8"):
-        quantize_parts_(prec, signed, st[0], st[1], st[2] if len(st) > 2 else None, x)
+        tables = (st[3], st[4]) if len(st) == 5 else None
+        quantize_parts_(prec, signed, st[0], st[1], st[2] if len(st) > 2 else None, x, tables)
     else:
         st[0].copy_(x)
 
@@ -133,11 +135,10 @@ class FusedKernels:
                 self._cache[key] = eager
         return self._cache[key], self._eager[key]
 
-    def run(self, family: str, p: Tensor, g: Tensor, states: list[Tensor], c: Tensor) -> None:
+    def run(self, family: str, p: Tensor, g: Tensor, states: list[Tensor], c: Tensor, storage: StateStorage) -> None:
         """One fused step of ``family`` on the flat fp32 tensor ``p`` (updated in place)."""
         layout = tuple((precision_of(s), bool(getattr(s, "signed", True))) for s in states)
-        args: list[Any] = [[t for t in parts(s) if t is not None] if is_lowbit(s) else [s] for s in states]
-        args = [[t.view(-1) for t in a] for a in args]
+        args: list[Any] = [storage.kernel_args(s) for s in states]
         fn, eager = self._get(family, layout)
         if self._failed or fn is eager:
             eager(p, g, c, *args)

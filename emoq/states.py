@@ -75,6 +75,38 @@ def qmap(precision: str, signed: bool) -> tuple[float, ...]:
     return _QMAPS[key]
 
 
+# ---------------------------------------------------------------------- fast encoding
+def encode_tables(values: tuple[float, ...], device: torch.device | str = "cpu") -> tuple[Tensor, Tensor] | None:
+    """Lookup tables that round to the nearest code of a map in two loads instead of a binary search.
+
+    The input (scaled to [-1, 1]) is bucketed by its top 16 bits (its bfloat16 pattern). For
+    each bucket, ``T`` is the code of its smallest value and ``M`` the one rounding threshold
+    inside it (``inf`` if none); the code is ``T[b] + (x >= M[b])``. Thresholds are torchao's
+    (``down + (up - down) * 0.5``), so the codes are those of ``quantize_8bit_with_qmap`` /
+    ``quantize_4bit_with_qmap`` except within one fp32 rounding of a threshold (3 of 16.7 M
+    measured). Returns ``None`` if some bucket in [-1, 1] holds two thresholds (not the case for
+    torchao's maps; checked), in which case the caller uses torchao's search.
+    """
+    q = torch.tensor(values, dtype=torch.float32)
+    down, up = q[:-1], q[1:]
+    mids = down + (up - down) * 0.5
+    lo_bits = torch.arange(65536, dtype=torch.int32) << 16
+    a, c = lo_bits.view(torch.float32), (lo_bits | 0xFFFF).view(torch.float32)
+    vmin, vmax = torch.minimum(a, c), torch.maximum(a, c)
+    first = torch.searchsorted(mids, vmin, right=True)
+    inside = torch.searchsorted(mids, vmax, right=True) - first
+    if not bool(((vmin.abs() > 1.0) | torch.isnan(vmin) | (inside <= 1)).all()):
+        return None
+    thresholds = torch.where(inside >= 1, mids[first.clamp(max=len(mids) - 1)], torch.full_like(vmin, float("inf")))
+    return first.to(torch.uint8).to(device), thresholds.to(device)
+
+
+def encode(x: Tensor, first: Tensor, thresholds: Tensor) -> Tensor:
+    """Nearest codes (uint8) of ``x`` (fp32, scaled to [-1, 1]) with :func:`encode_tables`."""
+    bucket = (x.view(torch.int32) >> 16) & 0xFFFF
+    return (first[bucket].to(torch.int32) + (x >= thresholds[bucket]).to(torch.int32)).to(torch.uint8)
+
+
 # ---------------------------------------------------------------------- plain-part kernels
 def dequantize_parts(precision: str, signed: bool, codes: Tensor, scale: Tensor, qmap_t: Tensor | None,
                      numel: int) -> Tensor:
@@ -98,8 +130,11 @@ def dequantize_parts(precision: str, signed: bool, codes: Tensor, scale: Tensor,
 
 
 def quantize_parts_(precision: str, signed: bool, codes: Tensor, scale: Tensor, qmap_t: Tensor | None,
-                    x: Tensor) -> None:
-    """Quantize the fp32 values ``x`` into ``codes``/``scale`` in place (unsigned: stores sqrt)."""
+                    x: Tensor, tables: tuple[Tensor, Tensor] | None = None) -> None:
+    """Quantize the fp32 values ``x`` into ``codes``/``scale`` in place (unsigned: stores sqrt).
+
+    ``tables`` (from :func:`encode_tables`) replaces torchao's binary search by two lookups.
+    """
     from torchao.optim.quant_utils import quantize_4bit_with_qmap, quantize_8bit_with_qmap, scale_tensor
 
     x = x.reshape(-1)
@@ -108,10 +143,10 @@ def quantize_parts_(precision: str, signed: bool, codes: Tensor, scale: Tensor, 
     block = x.numel() // scale.numel()
     if precision == "8bit":
         scaled, s = scale_tensor(x, block)
-        codes.view(-1).copy_(quantize_8bit_with_qmap(scaled, qmap_t))
+        codes.view(-1).copy_(quantize_8bit_with_qmap(scaled, qmap_t) if tables is None else encode(scaled, *tables))
     elif precision == "4bit":
         scaled, s = scale_tensor(x, block)
-        q = quantize_4bit_with_qmap(scaled, qmap_t)
+        q = quantize_4bit_with_qmap(scaled, qmap_t) if tables is None else encode(scaled, *tables)
         codes.copy_((q[::2] << 4) | q[1::2])
     else:
         from torchao.optim.subclass_fp8 import quantize_fp8
@@ -170,6 +205,7 @@ class StateStorage:
         self.min_lowbit_size = min_lowbit_size
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         self._qmap_tensors: dict[tuple[bool, torch.device], Tensor] = {}
+        self._tables: dict[tuple[bool, torch.device], tuple[Tensor, Tensor] | None] = {}
 
     # -------------------------------------------------------------- allocation
     def uses_lowbit(self, numel: int) -> bool:
@@ -185,6 +221,24 @@ class StateStorage:
             self._qmap_tensors[key] = torch.tensor(qmap(self.precision, signed), dtype=torch.float32,
                                                    device=device)
         return self._qmap_tensors[key]
+
+    def tables(self, signed: bool, device: torch.device) -> tuple[Tensor, Tensor] | None:
+        """Fast-encoding tables of this precision's map (shared by all states; 320 KB each)."""
+        key = (signed, torch.device(device))
+        if key not in self._tables:
+            self._tables[key] = (encode_tables(qmap(self.precision, signed), device)
+                                 if self.precision in ("8bit", "4bit") else None)
+        return self._tables[key]
+
+    def kernel_args(self, state: Tensor) -> list[Tensor]:
+        """The plain tensors a fused kernel needs for ``state`` (see :mod:`emoq.fused`)."""
+        if not is_lowbit(state):
+            return [state.view(-1)]
+        codes, scale, q = parts(state)
+        if q is None:
+            return [codes.view(-1), scale]
+        tables = self.tables(state.signed, codes.device)
+        return [codes.view(-1), scale, q] + ([] if tables is None else list(tables))
 
     def zeros(self, shape: torch.Size | tuple[int, ...], *, signed: bool, device: torch.device) -> Tensor:
         """A new zero state. ``signed=False`` marks a state that is never negative."""
@@ -227,7 +281,8 @@ class StateStorage:
     def store(self, state: Tensor, work: Tensor) -> None:
         """Write the updated working tensor back into ``state``."""
         if is_lowbit(state):
-            quantize_parts_(precision_of(state), state.signed, *parts(state), work)
+            quantize_parts_(precision_of(state), state.signed, *parts(state), work,
+                            self.tables(state.signed, work.device))
         elif work is not state:
             state.copy_(work)
 

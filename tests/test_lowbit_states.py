@@ -161,3 +161,29 @@ def test_checkpoint_is_the_state_size():
     n_bytes = sum(v.numel() * v.element_size() for v in exported.values() if isinstance(v, torch.Tensor))
     assert n_bytes == 256 * 256 + 4 * 256 * 256 // 256
     assert math.prod(exported["shape"]) == 256 * 256
+
+
+@pytest.mark.parametrize("precision", ["8bit", "4bit"])
+@pytest.mark.parametrize("signed", [True, False])
+def test_fast_encoding_gives_torchaos_codes(precision, signed):
+    # The table lookup replaces torchao's binary search; the codes must be torchao's except
+    # within one fp32 rounding of a rounding threshold (a handful in a million).
+    from torchao.optim.quant_utils import quantize_4bit_with_qmap, quantize_8bit_with_qmap, scale_tensor
+
+    from emoq.states import encode, encode_tables
+
+    values = qmap(precision, signed)
+    tables = encode_tables(values)
+    assert tables is not None
+    x = wide_range(1 << 20, signed, seed=3)
+    x = x if signed else x.sqrt()
+    scaled, _ = scale_tensor(x, BLOCK_SIZE[precision])
+    q = torch.tensor(values)
+    ref = (quantize_8bit_with_qmap if precision == "8bit" else quantize_4bit_with_qmap)(scaled, q)
+    got = encode(scaled, *tables)
+    differ = ref != got
+    assert int(differ.sum()) <= 10
+    if differ.any():  # and where they differ, both codes are as near as each other (a tie)
+        d_ref = (q[ref[differ].long()] - scaled[differ]).abs()
+        d_got = (q[got[differ].long()] - scaled[differ]).abs()
+        torch.testing.assert_close(d_got, d_ref, rtol=1e-5, atol=1e-7)
