@@ -3,10 +3,12 @@ each compensation vs fp32 weights, on the digits MLP (64-256-256-10, batch 64, 6
 
 Low-bit runs use ``min_lowbit_size=0`` (every state whose size is a multiple of the block is
 quantized, stricter than the default) and ``EMOQ_COMPILE=0`` (the fused kernels run eagerly:
-the same formulas as compiled, quality does not depend on it). Final loss = mean train loss
-of the last 20 steps, averaged over seeds; also held-out loss.
+the same formulas as compiled, quality does not depend on it). Final loss = loss on the whole
+training split after the last step (deterministic given the weights), mean and standard
+deviation over seeds (the seed moves init and batch order; its spread is the noise level
+against which a precision's difference must be read); also held-out loss.
 
-    python -m bench.precision [--steps 600] [--seeds 3] [--part states|compensation|both]
+    python -m bench.precision [--steps 600] [--seeds 5] [--part states|compensation|both]
 
 Writes precision_states.json and precision_compensation.json.
 """
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -47,13 +50,15 @@ def run(make_opt, seed: int, steps: int, data, weight_dtype=torch.float32) -> di
         curve.append(loss.item())
     with torch.no_grad():
         test_loss = F.cross_entropy(net(xte.to(weight_dtype)).float(), yte).item()
-    return {"train_loss": sum(curve[-20:]) / 20, "test_loss": test_loss}
+        train_loss = F.cross_entropy(net(xtr.to(weight_dtype)).float(), ytr).item()
+    return {"train_loss": train_loss, "test_loss": test_loss, "last20_minibatch_loss": sum(curve[-20:]) / 20}
 
 
 def mean_runs(make, seeds: int, steps: int, data, **kw) -> dict:
     runs = [run(make, s, steps, data, **kw) for s in range(seeds)]
-    return {k: sum(r[k] for r in runs) / len(runs) for k in ("train_loss", "test_loss")} | {
-        "train_loss_all": [r["train_loss"] for r in runs]}
+    out = {k: sum(r[k] for r in runs) / len(runs) for k in ("train_loss", "test_loss", "last20_minibatch_loss")}
+    out["train_loss_std"] = statistics.stdev([r["train_loss"] for r in runs]) if len(runs) > 1 else 0.0
+    return out | {"train_loss_all": [r["train_loss"] for r in runs], "test_loss_all": [r["test_loss"] for r in runs]}
 
 
 def states(args, data) -> dict:
@@ -69,11 +74,12 @@ def states(args, data) -> dict:
             base = res[f"{fam} fp32"]["train_loss"]
             rel = r["train_loss"] / base - 1
             ok = None if prec == "fp32" else ("yes" if rel <= TARGET[prec] else "NO")
-            rows.append({"optimizer": fam, "states": prec, "train loss": r["train_loss"], "test loss": r["test_loss"],
+            rows.append({"optimizer": fam, "states": prec, "train loss": r["train_loss"],
+                         "seed std": r["train_loss_std"], "test loss": r["test_loss"],
                          "vs fp32 states": f"{rel:+.1%}", "target": "" if prec == "fp32" else f"<= +{TARGET[prec]:.0%}",
                          "met": ok})
             print(f"{fam:8s} {prec:5s} train {r['train_loss']:.4f} test {r['test_loss']:.4f} {rel:+.1%}", flush=True)
-    cols = ["optimizer", "states", "train loss", "test loss", "vs fp32 states", "target", "met"]
+    cols = ["optimizer", "states", "train loss", "seed std", "test loss", "vs fp32 states", "target", "met"]
     print("\n" + common.table(rows, cols))
     return {"rows": rows, "results": res}
 
@@ -83,7 +89,7 @@ def compensation(args, data) -> dict:
     ref = mean_runs(lambda ps: emoq.EmoSens(ps), args.seeds, args.steps, data)
     res["fp32 weights"] = ref
     rows.append({"weights": "fp32", "compensation": "-", "extra bytes/param": 0, "train loss": ref["train_loss"],
-                 "test loss": ref["test_loss"], "vs fp32 weights": "+0.0%"})
+                 "seed std": ref["train_loss_std"], "test loss": ref["test_loss"], "vs fp32 weights": "+0.0%"})
     from emoq.compensate import compensation_bytes_per_param
 
     for mode in ("none", "stochastic", "error_feedback", "error_feedback8"):
@@ -93,18 +99,19 @@ def compensation(args, data) -> dict:
         rel = r["train_loss"] / ref["train_loss"] - 1
         rows.append({"weights": "bf16", "compensation": mode,
                      "extra bytes/param": compensation_bytes_per_param(mode, torch.bfloat16),
-                     "train loss": r["train_loss"], "test loss": r["test_loss"], "vs fp32 weights": f"{rel:+.1%}"})
+                     "train loss": r["train_loss"], "seed std": r["train_loss_std"], "test loss": r["test_loss"],
+                     "vs fp32 weights": f"{rel:+.1%}"})
         print(f"bf16 {mode:16s} train {r['train_loss']:.4f} test {r['test_loss']:.4f} {rel:+.1%}", flush=True)
     print("\nEmoSens, bf16 weights (bf16 forward/backward) vs fp32 weights\n"
-          + common.table(rows, ["weights", "compensation", "extra bytes/param", "train loss", "test loss",
-                                "vs fp32 weights"]))
+          + common.table(rows, ["weights", "compensation", "extra bytes/param", "train loss", "seed std",
+                                "test loss", "vs fp32 weights"]))
     return {"rows": rows, "results": res}
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=600)
-    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--part", choices=("states", "compensation", "both"), default="both")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)

@@ -20,7 +20,8 @@ from pathlib import Path
 from bench import common
 
 DEFAULT = ["torch AdamW fused", "torch AdamW foreach", "bnb AdamW8bit", "torchao AdamW8bit", "torchao AdamW4bit",
-           "EmoSens fp32", "EmoSens fp32 fused", "EmoSens bf16", "EmoSens 8bit", "EmoSens 4bit", "EmoSens fp8",
+           "EmoSens fp32", "EmoSens fp32 fused", "EmoSens bf16", "EmoSens bf16 fused", "EmoSens 8bit", "EmoSens 4bit",
+           "EmoSens fp8",
            "EmoCats fp32", "EmoCats fp32 fused", "EmoCats 8bit", "EmoCats 4bit", "EmoCats fp8",
            "EmoAiry fp32", "EmoAiry 8bit", "EmoTion fp32", "EmoTion 8bit"]
 
@@ -31,6 +32,7 @@ def makers() -> dict:
     out = {**common.peer_optimizers(), **common.emo_optimizers()}
     out["EmoSens fp32 fused"] = lambda ps: emoq.EmoSens(ps, fused=True)
     out["EmoCats fp32 fused"] = lambda ps: emoq.EmoCats(ps, fused=True)
+    out["EmoSens bf16 fused"] = lambda ps: emoq.EmoSens(ps, state_precision="bf16", fused=True)
     return out
 
 

@@ -76,3 +76,17 @@ def test_compile_failure_warns_loudly_once_and_keeps_results(monkeypatch):
 def test_compile_switch(value, want, monkeypatch):
     monkeypatch.setenv("EMOQ_COMPILE", value)
     assert fused.compile_enabled() is want
+
+
+def test_subclass_with_its_own_rule_never_takes_the_fused_path(monkeypatch):
+    monkeypatch.setenv("EMOQ_COMPILE", "0")
+    calls = []
+
+    class MySens(emoq.EmoSens):
+        def _rule(self, p, g, states, group, lr):
+            calls.append(1)
+            super()._rule(p, g, states, group, lr)
+
+    run(MySens, 2, state_precision="8bit")
+    assert len(calls) == 2
+    assert run(emoq.EmoSens8bit, 1)[1]._family == "EmoSens"

@@ -126,8 +126,10 @@ class EmoOptimizer(Optimizer):
             raise ValueError(f"fused must be None, True or False, got {fused!r}")
         self.fused = fused
         self._kernels: FusedKernels | None = None
-        self._family = next((c.__name__ for c in type(self).__mro__ if c.__name__ in FUSED_FAMILIES
-                             and c.__module__.startswith("emoq.optim.")), None)
+        # the fused kernel replaces the family's rule: only where that rule is not overridden
+        family = next((c for c in type(self).__mro__ if c.__name__ in FUSED_FAMILIES
+                       and c.__module__.startswith("emoq.optim.")), None)
+        self._family = family.__name__ if family is not None and type(self)._rule is family._rule else None
         defaults = dict(lr=float(lr), betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         self.use_shadow = bool(use_shadow)
         self.state_precision = state_precision
