@@ -164,7 +164,7 @@ def test_small_tensors_keep_fp32_states(cls, precision, batch):
 
 
 def test_lora_matrices_are_below_the_default_threshold():
-    # LoRA r=8 on a 576-wide layer (SmolLM2-135M): 8*576 = 4608 elements... and r=4: 2304.
+    # A LoRA r=4 matrix of a 576-wide model (SmolLM2-135M) has 2304 elements: fp32 states.
     opt = emoq.EmoSens8bit([torch.nn.Parameter(torch.zeros(4, 576))])
     opt.param_groups[0]["params"][0].grad = torch.ones(4, 576)
     opt.step(loss=1.0)
@@ -214,3 +214,21 @@ def test_state_bytes_per_param(cls, precision, limit):
     opt.step(loss=1.0)
     total = sum(state_bytes(s) for s in opt.state[p].values())
     assert total / p.numel() <= limit
+
+
+@pytest.mark.parametrize("cls", [emoq.EmoSens8bit, emoq.EmoCats4bit, emoq.EmoTionFp8])
+def test_resume_with_shadow_and_lowbit_states(cls, batch):
+    net = make_net()
+    opt = cls(net.parameters(), use_shadow=True, min_lowbit_size=0)
+    train(net, opt, batch, 6)
+    want = params_of(net)
+    net = make_net()
+    opt = cls(net.parameters(), use_shadow=True, min_lowbit_size=0)
+    train(net, opt, batch, 3)
+    ckpt, _ = save_load({"model": net.state_dict(), "optim": opt.state_dict()})
+    net2 = make_net(seed=7)
+    net2.load_state_dict(ckpt["model"])
+    opt2 = cls(net2.parameters(), use_shadow=True, min_lowbit_size=0)
+    opt2.load_state_dict(ckpt["optim"])
+    train(net2, opt2, batch, 3, start=3)
+    assert all(torch.equal(a, b) for a, b in zip(params_of(net2), want))
