@@ -289,7 +289,7 @@ class EmoOptimizer(Optimizer):
         g = p.grad if p.grad.dtype == torch.float32 else p.grad.float()
         if self.use_shadow:
             self._shadow_step(p_work, state["shadow"])
-        states = [state[n] for n in names]
+        states = [state[n] for n in self._state_specs(p) if n in state]  # the family's order: m, v
         if self._use_fused(p_work, states):
             if self._kernels is None:
                 self._kernels = FusedKernels()
