@@ -204,6 +204,11 @@ class EmoOptimizer(Optimizer):
         else:
             self._recorded.append(_as_loss_float(loss, "record_loss(loss)"))
 
+    def discard_recorded_losses(self) -> None:
+        """Forget the micro-batch losses recorded since the last step (e.g. when a GradScaler
+        skipped ``step()``, so they do not leak into the next update's mean)."""
+        self._recorded.clear()
+
     def _take_loss(self, closure: Callable[[], Any] | None, loss: Any) -> tuple[Any, float]:
         name = type(self).__name__
         sources = [closure is not None, loss is not None, bool(self._recorded)]

@@ -1,0 +1,179 @@
+"""Hugging Face Trainer glue: feed emoPulse the loss of every update, log the real step size.
+
+Add :class:`EmoCallback` to any ``transformers.Trainer`` (or a subclass such as TRL's
+``SFTTrainer``) whose optimizer is an emoq optimizer::
+
+    trainer = Trainer(model, args, train_dataset=ds,
+                      optimizer_cls_and_kwargs=(emoq.EmoAiry8bit, {}),
+                      callbacks=[EmoCallback()])
+
+What it does, once training starts:
+
+* wraps the trainer instance's ``training_step`` (not the class) to add up the loss that each
+  micro-batch returns — the Trainer's own per-update loss, already divided by the accumulation
+  steps or normalised by ``num_items_in_batch``, and never scaled by an AMP GradScaler — and
+  hands the sum to the optimizer with ``record_loss`` right before ``optimizer.step()``. That is
+  exactly the number the Trainer logs as ``loss`` for that update (``logging_steps=1``);
+* wraps ``trainer.log`` so every log entry (history, TensorBoard, W&B...) carries
+  ``learning_rate`` = the real step size η, ``emo_pulse`` (η of the last update), ``emo_loss``
+  (the mean pulse loss since the last log, comparable to ``loss``) and ``emo_should_stop``;
+* optionally stops training when the stop signal holds for ``stop_after`` consecutive updates.
+
+The Trainer's lr scheduler cannot change an emoq update (the step size comes from the pulse, not
+from the group ``lr``), but a decaying or warm-up schedule would be silently ignored, so
+anything but ``lr_scheduler_type="constant"`` with no warm-up raises ``ValueError``.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from emoq.optim.base import EmoOptimizer
+
+__all__ = ["EmoCallback", "unwrap_emo_optimizer"]
+
+
+def unwrap_emo_optimizer(optimizer: Any) -> EmoOptimizer:
+    """The emoq optimizer inside ``optimizer`` (accelerate wraps it in ``AcceleratedOptimizer``)."""
+    seen = optimizer
+    for _ in range(4):
+        if isinstance(seen, EmoOptimizer):
+            return seen
+        seen = getattr(seen, "optimizer", None)
+    raise TypeError(
+        f"EmoCallback needs an emoq optimizer, the Trainer has {type(optimizer).__name__}; pass one with "
+        "optimizers=(emoq.EmoSens(model.parameters()), None) or optimizer_cls_and_kwargs=(emoq.EmoSens, {})"
+    )
+
+
+def _find_trainer() -> Trainer | None:
+    frame = sys._getframe(1)
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, Trainer):
+            return candidate
+        frame = frame.f_back
+    return None
+
+
+class EmoCallback(TrainerCallback):
+    """Connect an emoq optimizer to the Hugging Face Trainer (see the module docstring).
+
+    Args:
+        stop_after: stop training (``control.should_training_stop``) once the optimizer's stop
+            signal has held for this many consecutive updates. ``None`` (default): never.
+        trainer: the trainer, when the callback is added after construction
+            (``trainer.add_callback(EmoCallback(trainer=trainer))``). Without it the callback
+            finds the trainer that calls it at ``on_train_begin``.
+    """
+
+    def __init__(self, stop_after: int | None = None, trainer: Trainer | None = None) -> None:
+        if stop_after is not None and (not isinstance(stop_after, int) or stop_after < 1):
+            raise ValueError(f"stop_after must be a positive int or None, got {stop_after!r}")
+        self.stop_after = stop_after
+        self.trainer = trainer
+        self.optimizer: EmoOptimizer | None = None
+        self.stop_streak = 0
+        self._update_loss: torch.Tensor | None = None
+        self._counts_before = (0, 0)
+        self._window: list[float] = []
+        self._originals: dict[str, Any] = {}
+
+    # ---------------------------------------------------------------- installation
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
+        trainer = self.trainer or _find_trainer()
+        if trainer is None:
+            raise RuntimeError("EmoCallback could not find its Trainer; add it with "
+                               "trainer.add_callback(EmoCallback(trainer=trainer))")
+        self.trainer = trainer
+        self.optimizer = unwrap_emo_optimizer(kwargs.get("optimizer") or trainer.optimizer)
+        self._check_schedule(args)
+        self._install(trainer)
+        self.stop_streak = 0
+        self._window = []
+
+    def _check_schedule(self, args: TrainingArguments) -> None:
+        kind = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
+        warmup = (getattr(args, "warmup_steps", 0) or 0) + (getattr(args, "warmup_ratio", 0) or 0)
+        if kind != "constant" or warmup:
+            raise ValueError(
+                f"emoPulse sets the step size of {type(self.optimizer).__name__}, so the Trainer's lr schedule "
+                f"(lr_scheduler_type={kind!r}, warmup {warmup}) would be silently ignored: set "
+                "TrainingArguments(lr_scheduler_type='constant', warmup_steps=0)"
+            )
+
+    def _install(self, trainer: Trainer) -> None:
+        if self._originals:  # a second train() on the same trainer
+            self._uninstall()
+        original_step, original_log = trainer.training_step, trainer.log
+        self._originals = {"training_step": original_step, "log": original_log}
+
+        def training_step(model, inputs, *args, **kw):
+            loss = original_step(model, inputs, *args, **kw)
+            # the Trainer's per-micro-batch loss, scaled for accumulation like the one it logs
+            value = loss.detach().float().reshape(-1).mean()
+            self._update_loss = value if self._update_loss is None else self._update_loss + value
+            return loss
+
+        def log(logs: dict[str, float], *args, **kw):
+            self._decorate(logs)
+            return original_log(logs, *args, **kw)
+
+        trainer.training_step = training_step
+        trainer.log = log
+
+    def _uninstall(self) -> None:
+        for name in self._originals:
+            self.trainer.__dict__.pop(name, None)  # back to the class's method
+        self._originals = {}
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._uninstall()
+
+    # ---------------------------------------------------------------- per update
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        opt = self.optimizer
+        if self._update_loss is None:
+            raise RuntimeError("EmoCallback saw no micro-batch loss before optimizer.step(); was training_step "
+                               "replaced after training began?")
+        opt.record_loss(self._update_loss)
+        self._update_loss = None
+        self._counts_before = (opt.emo_pulse.steps, opt.skipped_steps)
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        opt = self.optimizer
+        applied, skipped = opt.emo_pulse.steps, opt.skipped_steps
+        if applied > self._counts_before[0]:
+            self._window.append(opt.last_loss)
+        elif skipped == self._counts_before[1]:
+            # accelerate's GradScaler skipped optimizer.step() (inf grads in fp16): drop this update's loss
+            opt.discard_recorded_losses()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        opt = self.optimizer
+        if opt.pulse is not None:
+            for group in opt.param_groups:  # the scheduler just reset it to the scope; show the real one
+                group["lr"] = opt.pulse
+        self.stop_streak = self.stop_streak + 1 if opt.should_stop else 0
+        if self.stop_after is not None and self.stop_streak >= self.stop_after:
+            control.should_training_stop = True
+        return control
+
+    # ---------------------------------------------------------------- logs
+    def _decorate(self, logs: dict[str, float]) -> None:
+        opt = self.optimizer
+        if opt is None or opt.pulse is None:
+            return
+        if "learning_rate" in logs:
+            logs["learning_rate"] = opt.pulse
+        logs["emo_pulse"] = opt.pulse
+        if self._window:
+            logs["emo_loss"] = math.fsum(self._window) / len(self._window)
+            self._window = []
+        logs["emo_should_stop"] = float(opt.should_stop)
+        logs["emo_skipped_steps"] = opt.skipped_steps
