@@ -9,6 +9,7 @@ deviation over seeds (the seed moves init and batch order; its spread is the noi
 against which a precision's difference must be read); also held-out loss.
 
     python -m bench.precision [--steps 600] [--seeds 5] [--part states|compensation|both]
+        [--first-seed 0] [--families EmoSens ...] [--precisions 8bit ...] [--tag _suffix]
 
 Writes precision_states.json and precision_compensation.json.
 """
@@ -67,8 +68,11 @@ def run(make_opt, seed: int, steps: int, data, weight_dtype=torch.float32, compu
     return {"train_loss": train_loss, "test_loss": test_loss, "last20_minibatch_loss": sum(curve[-20:]) / 20}
 
 
+FIRST_SEED = 0
+
+
 def mean_runs(make, seeds: int, steps: int, data, **kw) -> dict:
-    runs = [run(make, s, steps, data, **kw) for s in range(seeds)]
+    runs = [run(make, s, steps, data, **kw) for s in range(FIRST_SEED, FIRST_SEED + seeds)]
     out = {k: sum(r[k] for r in runs) / len(runs) for k in ("train_loss", "test_loss", "last20_minibatch_loss")}
     out["train_loss_std"] = statistics.stdev([r["train_loss"] for r in runs]) if len(runs) > 1 else 0.0
     return out | {"train_loss_all": [r["train_loss"] for r in runs], "test_loss_all": [r["test_loss"] for r in runs]}
@@ -76,9 +80,9 @@ def mean_runs(make, seeds: int, steps: int, data, **kw) -> dict:
 
 def states(args, data) -> dict:
     rows, res = [], {}
-    for fam in FAMILIES:
+    for fam in args.families:
         cls = getattr(emoq, fam)
-        for prec in PRECISIONS:
+        for prec in args.precisions:
             t0 = time.perf_counter()
             r = mean_runs(lambda ps, c=cls, p=prec: c(ps, state_precision=p, min_lowbit_size=0), args.seeds,
                           args.steps, data)
@@ -131,21 +135,30 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--part", choices=("states", "compensation", "both"), default="both")
+    ap.add_argument("--first-seed", type=int, default=0)
+    ap.add_argument("--families", nargs="*", default=list(FAMILIES), choices=FAMILIES)
+    ap.add_argument("--precisions", nargs="*", default=list(PRECISIONS), choices=PRECISIONS,
+                    help="fp32 is always run first (the baseline)")
+    ap.add_argument("--tag", default="", help="suffix of the JSON file names")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
+    global FIRST_SEED
+    FIRST_SEED = args.first_seed
+    args.precisions = ["fp32"] + [p for p in args.precisions if p != "fp32"]
     common.pin_threads(2)
     common.quiet()
     data = digits_split()
     out = None if args.out is None else Path(args.out)
     payload = {}
     meta = {"env": common.environment(), "task": "digits MLP 64-256-256-10", "steps": args.steps, "batch": 64,
-            "seeds": args.seeds}
+            "seeds": list(range(args.first_seed, args.first_seed + args.seeds))}
     if args.part in ("states", "both"):
         payload["states"] = states(args, data)
-        print(f"wrote {common.write_json('precision_states.json', meta | payload['states'], out)}")
+        print(f"wrote {common.write_json(f'precision_states{args.tag}.json', meta | payload['states'], out)}")
     if args.part in ("compensation", "both"):
         payload["compensation"] = compensation(args, data)
-        print(f"wrote {common.write_json('precision_compensation.json', meta | payload['compensation'], out)}")
+        path = common.write_json(f"precision_compensation{args.tag}.json", meta | payload["compensation"], out)
+        print(f"wrote {path}")
     return payload
 
 
