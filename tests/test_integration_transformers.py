@@ -1,0 +1,155 @@
+"""EmoCallback in the Hugging Face Trainer: tiny Llama, NF4 base + LoRA, gradient accumulation."""
+
+import math
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+import emoq  # noqa: E402
+from emoq.integrations.transformers import EmoCallback  # noqa: E402
+from tests.tiny_llm import save_tiny_llama, tokenized_dataset  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+def qlora_model(path):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                             bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb, dtype=torch.float32)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    return get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                 task_type="CAUSAL_LM"))
+
+
+def make_trainer(path, tmp_path, callbacks=(), trainer_cls=None, optimizer=None, **overrides):
+    from transformers import AutoTokenizer, Trainer, TrainingArguments
+
+    model = qlora_model(path)
+    kw = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, gradient_accumulation_steps=2,
+              max_steps=6, logging_steps=1, lr_scheduler_type="constant", report_to=[], use_cpu=True,
+              save_strategy="no", disable_tqdm=True, seed=0)
+    kw.update(overrides)
+    args = TrainingArguments(**kw)
+    ds = tokenized_dataset(AutoTokenizer.from_pretrained(path))
+    opt_kw = {"optimizers": (optimizer(model), None)} if optimizer else \
+        {"optimizer_cls_and_kwargs": (emoq.EmoAiry8bit, {})}
+    return (trainer_cls or Trainer)(model=model, args=args, train_dataset=ds, callbacks=list(callbacks), **opt_kw)
+
+
+def train_logs(trainer):
+    trainer.train()
+    return [h for h in trainer.state.log_history if "loss" in h]
+
+
+def test_nf4_lora_grad_accumulation_feeds_the_logged_loss(tiny_dir, tmp_path):
+    trainer = make_trainer(tiny_dir, tmp_path, callbacks=[EmoCallback()])
+    assert any(type(m).__name__ == "Linear4bit" for m in trainer.model.modules())  # really NF4
+    logs = train_logs(trainer)
+    assert len(logs) == 6
+    for entry in logs:
+        # the pulse consumed exactly the loss the Trainer logs for that update (mean of 2 micro-batches)
+        assert entry["emo_loss"] == entry["loss"]
+        assert entry["learning_rate"] == entry["emo_pulse"]
+        assert 1e-6 <= entry["emo_pulse"] <= 3e-3 and entry["emo_should_stop"] == 0.0
+    opt = trainer.optimizer.optimizer
+    assert isinstance(opt, emoq.EmoAiry) and opt.emo_pulse.steps == 6
+    assert all(g["lr"] == opt.pulse for g in opt.param_groups)  # scheduler's reset undone
+
+
+def test_emo_loss_is_the_token_mean_loss_of_the_update(tiny_dir, tmp_path):
+    # Independent check of what the pulse sees: recompute, for every micro-batch, the summed
+    # next-token cross entropy and the token count; each update's loss must be their ratio over
+    # its two micro-batches (the Trainer normalises by num_items_in_batch across accumulation).
+    from transformers import Trainer
+
+    seen = []
+
+    class Recording(Trainer):  # a subclass, like TRL's SFTTrainer
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            with torch.no_grad():
+                logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+                labels = inputs["labels"][:, 1:]
+                ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                                                       ignore_index=-100, reduction="sum")
+                seen.append((ce.item(), (labels != -100).sum().item()))
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch=num_items_in_batch)
+
+    trainer = make_trainer(tiny_dir, tmp_path, callbacks=[EmoCallback()], trainer_cls=Recording)
+    logs = train_logs(trainer)
+    assert len(seen) == 12
+    for i, entry in enumerate(logs):
+        (s1, n1), (s2, n2) = seen[2 * i], seen[2 * i + 1]
+        assert entry["emo_loss"] == pytest.approx((s1 + s2) / (n1 + n2), rel=1e-5)
+        assert entry["emo_loss"] == entry["loss"]
+
+
+def test_without_the_callback_training_fails_loudly(tiny_dir, tmp_path):
+    trainer = make_trainer(tiny_dir, tmp_path)
+    with pytest.raises(RuntimeError, match="got no loss.*EmoCallback"):
+        trainer.train()
+
+
+@pytest.mark.parametrize("overrides", [dict(lr_scheduler_type="linear"), dict(warmup_steps=2)])
+def test_a_schedule_that_would_be_ignored_raises(tiny_dir, tmp_path, overrides):
+    trainer = make_trainer(tiny_dir, tmp_path, callbacks=[EmoCallback()], **overrides)
+    with pytest.raises(ValueError, match="lr_scheduler_type='constant'"):
+        trainer.train()
+
+
+def test_non_emo_optimizer_is_refused(tiny_dir, tmp_path):
+    trainer = make_trainer(tiny_dir, tmp_path, callbacks=[EmoCallback()],
+                           optimizer=lambda m: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad]))
+    with pytest.raises(TypeError, match="needs an emoq optimizer"):
+        trainer.train()
+
+
+def test_optimizers_tuple_and_stop_after(tiny_dir, tmp_path, monkeypatch):
+    # A stop signal that holds from the first update: training stops after `stop_after` updates.
+    monkeypatch.setattr(emoq.EmoSens, "stop_thresholds", (math.inf, math.inf))
+    trainer = make_trainer(tiny_dir, tmp_path, callbacks=[EmoCallback(stop_after=3)],
+                           optimizer=lambda m: emoq.EmoSens([p for p in m.parameters() if p.requires_grad]))
+    logs = train_logs(trainer)
+    assert len(logs) == 3 and trainer.state.global_step == 3
+    assert all(entry["emo_should_stop"] == 1.0 for entry in logs)
+
+
+def test_stop_after_is_off_by_default(tiny_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(emoq.EmoSens, "stop_thresholds", (math.inf, math.inf))
+    trainer = make_trainer(tiny_dir, tmp_path, callbacks=[EmoCallback()], max_steps=4,
+                           optimizer=lambda m: emoq.EmoSens([p for p in m.parameters() if p.requires_grad]))
+    assert len(train_logs(trainer)) == 4
+
+
+def test_logging_every_n_steps_averages_like_the_trainer(tiny_dir, tmp_path):
+    trainer = make_trainer(tiny_dir, tmp_path, callbacks=[EmoCallback()], logging_steps=3)
+    logs = train_logs(trainer)
+    assert len(logs) == 2
+    for entry in logs:
+        assert entry["emo_loss"] == pytest.approx(entry["loss"], rel=1e-6)
+
+
+def test_trainer_checkpoint_resume_keeps_the_pulse(tiny_dir, tmp_path):
+    trainer = make_trainer(tiny_dir, tmp_path, callbacks=[EmoCallback()], max_steps=4, save_strategy="steps",
+                           save_steps=2)
+    full = train_logs(trainer)
+    resumed = make_trainer(tiny_dir, tmp_path, callbacks=[EmoCallback()], max_steps=4, save_strategy="steps",
+                           save_steps=2)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    opt = resumed.optimizer.optimizer
+    assert opt.emo_pulse.steps == 4  # 2 restored + 2 new: the pulse history came back with the checkpoint
+    tail = [h for h in resumed.state.log_history if "loss" in h and h["step"] > 2]
+    assert [h["emo_pulse"] for h in tail] == [h["emo_pulse"] for h in full[2:]]
+
+
+def test_stop_after_validation():
+    with pytest.raises(ValueError):
+        EmoCallback(stop_after=0)
