@@ -26,7 +26,7 @@ def qlora_model(path):
                              bnb_4bit_compute_dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(path, quantization_config=bnb, dtype=torch.float32)
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
                                                  task_type="CAUSAL_LM"))
 
 
