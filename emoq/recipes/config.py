@@ -1,0 +1,175 @@
+"""Recipe schema: a YAML file of known keys, validated before anything is loaded or written."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+BUILTIN_MODEL = "builtin:smollm2-135m-instruct"
+BUILTIN_DATA = "builtin:pydoc-qa"
+
+
+class RecipeError(ValueError):
+    """A recipe key is unknown or has a bad value (the message names the key)."""
+
+
+@dataclass
+class Recipe:
+    """A QLoRA fine-tune. Every key of a recipe YAML is a field here."""
+
+    # model
+    model: str = BUILTIN_MODEL  # builtin:smollm2-135m-instruct, a Hub id, or a local directory
+    gguf_file: str | None = None  # load `model` (a directory) from this GGUF file
+    cache_dir: str = "~/.cache/emoq"  # where a GGUF model is re-saved as safetensors, once
+    load_in_4bit: bool = True  # NF4 base weights (bitsandbytes)
+    double_quant: bool = True
+    compute_dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU | float32 | bfloat16 | float16
+    gradient_checkpointing: bool = False
+    # LoRA
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_target: str = "all-linear"
+    # data
+    data: str = BUILTIN_DATA  # builtin:pydoc-qa, or a `datasets` name / local path
+    data_config: str | None = None
+    data_split: str = "train"
+    prompt_field: str = "question"  # for `datasets` sources with prompt/response columns
+    response_field: str = "answer"
+    text_field: str | None = None  # or one plain-text column (no prompt masking)
+    eval_size: int = 48  # held-out examples (taken before any training example)
+    max_train_samples: int | None = None
+    seq_len: int = 128
+    # optimisation
+    optimizer: str = "EmoAiry8bit"  # any emoq optimizer class name
+    optimizer_kwargs: dict[str, Any] = field(default_factory=dict)
+    weight_decay: float = 0.0  # passed to the Trainer (it sets every group's weight decay)
+    batch_size: int = 4
+    eval_batch_size: int = 8
+    grad_accum: int = 1
+    max_steps: int = 60
+    stop_after: int | None = None  # stop when the pulse's stop signal holds this many updates
+    seed: int = 0
+    logging_steps: int = 1
+    # output
+    output_dir: str = "runs/smollm2-pydoc"
+    overwrite: bool = False
+
+    def validate(self) -> Recipe:
+        positive = ("lora_r", "lora_alpha", "eval_size", "seq_len", "batch_size", "eval_batch_size", "grad_accum",
+                    "max_steps", "logging_steps")
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise RecipeError(f"recipe key '{key}' must be >= 1, got {getattr(self, key)!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise RecipeError(f"recipe key 'lora_dropout' must be in [0, 1), got {self.lora_dropout!r}")
+        if self.weight_decay < 0:
+            raise RecipeError(f"recipe key 'weight_decay' must be >= 0, got {self.weight_decay!r}")
+        if self.compute_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise RecipeError(f"recipe key 'compute_dtype' must be auto, float32, bfloat16 or float16, "
+                              f"got {self.compute_dtype!r}")
+        if self.max_train_samples is not None and self.max_train_samples < 1:
+            raise RecipeError(f"recipe key 'max_train_samples' must be >= 1, got {self.max_train_samples!r}")
+        if self.stop_after is not None and self.stop_after < 1:
+            raise RecipeError(f"recipe key 'stop_after' must be >= 1 or null, got {self.stop_after!r}")
+        import emoq
+
+        cls = getattr(emoq, self.optimizer, None)
+        if not (isinstance(cls, type) and issubclass(cls, emoq.EmoOptimizer) and cls is not emoq.EmoOptimizer):
+            known = sorted(n for n in emoq.__all__ if n.startswith("Emo") and n not in ("EmoOptimizer", "EmoPulse",
+                                                                                      "EmoPulseScheduler"))
+            raise RecipeError(f"recipe key 'optimizer': {self.optimizer!r} is not an emoq optimizer "
+                              f"(known: {', '.join(known)})")
+        try:
+            cls([_probe_param()], **self.optimizer_kwargs)
+        except (TypeError, ValueError, NotImplementedError) as err:
+            raise RecipeError(f"recipe key 'optimizer_kwargs': {err}") from None
+        return self
+
+    @property
+    def optimizer_cls(self):
+        import emoq
+
+        return getattr(emoq, self.optimizer)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _probe_param():
+    import torch
+
+    return torch.nn.Parameter(torch.zeros(1))
+
+
+def _coerce(key: str, value: Any, annotation: str) -> Any:
+    """Check ``value`` against the field's annotation (a string under postponed annotations)."""
+    optional = "None" in annotation
+    if value is None:
+        if optional:
+            return None
+        raise RecipeError(f"recipe key '{key}' cannot be null")
+    base = annotation.replace(" | None", "")
+    if base == "bool":
+        if isinstance(value, bool):
+            return value
+    elif base == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif base == "float":
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif base == "str":
+        if isinstance(value, str):
+            return value
+    elif base.startswith("dict"):
+        if isinstance(value, dict):
+            return value
+    raise RecipeError(f"recipe key '{key}' must be {base}, got {value!r}")
+
+
+def _parse_override(item: str) -> tuple[str, Any]:
+    import yaml
+
+    if "=" not in item:
+        raise RecipeError(f"--set expects key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as err:
+        raise RecipeError(f"recipe key '{key}': cannot parse {raw!r} ({err.__class__.__name__})") from None
+    return key.strip(), value
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a recipe YAML (or none: the defaults), apply ``key=value`` overrides, validate."""
+    import yaml
+
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe file {str(path)!r} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise RecipeError(f"recipe file {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+        if not isinstance(raw, dict):
+            raise RecipeError(f"recipe file {str(path)!r} must hold a mapping of keys, got {type(raw).__name__}")
+    for item in overrides:
+        key, value = _parse_override(item)
+        raw[key] = value
+    known = {f.name: f for f in fields(Recipe)}
+    values = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise RecipeError(f"recipe key '{key}' is unknown (known: {', '.join(sorted(known))})")
+        values[key] = _coerce(key, value, str(known[key].type))
+    return Recipe(**values).validate()
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return json.dumps(recipe.to_dict(), indent=1)

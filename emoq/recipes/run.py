@@ -1,0 +1,142 @@
+"""`emoq finetune`: a QLoRA fine-tune in the Hugging Face Trainer with an emoq optimizer."""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from emoq.recipes.config import Recipe, RecipeError
+
+
+def _peak_rss_mb() -> float:
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1024 / (1024 if sys.platform == "darwin" else 1)
+
+
+def evaluate(trainer: Any, dataset: Any) -> dict[str, float]:
+    loss = trainer.evaluate(eval_dataset=dataset)["eval_loss"]
+    return {"loss": loss, "perplexity": math.exp(loss) if loss < 700 else math.inf}
+
+
+def plot(history: list[dict[str, Any]], path: Path, title: str, evals: list[tuple[int, float]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [h for h in history if "loss" in h and "emo_pulse" in h]
+    steps = [h["step"] for h in rows]
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    losses = [h["loss"] for h in rows]
+    ax.plot(steps, losses, color="tab:blue", alpha=0.35, label="train loss")
+    window = min(10, len(losses))
+    if window > 1:
+        smooth = [sum(losses[i - window + 1:i + 1]) / window for i in range(window - 1, len(losses))]
+        ax.plot(steps[window - 1:], smooth, color="tab:blue", label=f"train loss ({window}-step mean)")
+    ax.plot([s for s, _ in evals], [v for _, v in evals], "o-", color="tab:green", label="held-out loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax2 = ax.twinx()
+    ax2.plot(steps, [h["emo_pulse"] for h in rows], color="tab:red", label="emoPulse η")
+    ax2.set_ylabel("step size η")
+    ax2.ticklabel_format(axis="y", style="sci", scilimits=(0, 0))
+    lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    ax.legend(lines, [ln.get_label() for ln in lines], loc="upper right")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def finetune(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
+    """Run the recipe; write adapter + metrics.json + loss_pulse.png into ``output_dir``.
+
+    Everything is written into a temporary sibling folder and moved into place at the end, so
+    a failed or interrupted run leaves no half-written output directory.
+    """
+    from transformers import Trainer, TrainingArguments, set_seed
+
+    from emoq.integrations.transformers import EmoCallback
+    from emoq.recipes.data import load_examples, split, tokenize
+    from emoq.recipes.model import compute_dtype, load_qlora
+
+    out = Path(recipe.output_dir).expanduser()
+    if out.exists() and not recipe.overwrite:
+        raise RecipeError(f"recipe key 'output_dir': {str(out)!r} exists (set overwrite=true to replace it)")
+    start = time.perf_counter()
+    set_seed(recipe.seed)
+    rows = load_examples(recipe)
+    model, tokenizer = load_qlora(recipe)
+    train_rows, held_rows = split(rows, recipe)
+    train_ds = tokenize(train_rows, tokenizer, recipe.seq_len)
+    eval_ds = tokenize(held_rows, tokenizer, recipe.seq_len)
+    load_seconds = time.perf_counter() - start
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    try:
+        dtype = compute_dtype(recipe)
+        args = TrainingArguments(
+            output_dir=str(work / "trainer"), per_device_train_batch_size=recipe.batch_size,
+            per_device_eval_batch_size=recipe.eval_batch_size, gradient_accumulation_steps=recipe.grad_accum,
+            max_steps=recipe.max_steps, logging_steps=recipe.logging_steps, lr_scheduler_type="constant",
+            weight_decay=recipe.weight_decay, seed=recipe.seed, report_to=[], save_strategy="no",
+            disable_tqdm=not progress, bf16=dtype == torch.bfloat16 and torch.cuda.is_available(),
+            fp16=dtype == torch.float16 and torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(),
+            dataloader_num_workers=0, remove_unused_columns=False,
+        )
+        optimizer_kwargs = dict(recipe.optimizer_kwargs)
+        trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+                          optimizer_cls_and_kwargs=(recipe.optimizer_cls, optimizer_kwargs),
+                          callbacks=[EmoCallback(stop_after=recipe.stop_after)])
+        before = evaluate(trainer, eval_ds)
+        t0 = time.perf_counter()
+        trainer.train()
+        train_seconds = time.perf_counter() - t0
+        after = evaluate(trainer, eval_ds)
+        history = trainer.state.log_history
+        opt = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+
+        model.save_pretrained(work / "adapter", safe_serialization=True)
+        tokenizer.save_pretrained(work / "adapter")
+        train_logs = [h for h in history if "loss" in h and "emo_pulse" in h]
+        metrics = {
+            "recipe": recipe.to_dict(),
+            "optimizer": type(opt).__name__,
+            "device": "cuda" if torch.cuda.is_available() else "cpu",
+            "compute_dtype": str(dtype).replace("torch.", ""),
+            "train_examples": len(train_ds), "held_out_examples": len(eval_ds),
+            "steps": trainer.state.global_step,
+            "eval_before": before, "eval_after": after,
+            "perplexity_change": after["perplexity"] / before["perplexity"] - 1,
+            "final_pulse": opt.pulse, "skipped_steps": opt.skipped_steps, "should_stop": opt.should_stop,
+            "train_loss_first": train_logs[0]["loss"] if train_logs else None,
+            "train_loss_last": train_logs[-1]["loss"] if train_logs else None,
+            "seconds_load": load_seconds, "seconds_train": train_seconds,
+            "seconds_total": time.perf_counter() - start,
+            "peak_rss_mb": _peak_rss_mb(),
+            "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+            "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "history": history,
+        }
+        (work / "metrics.json").write_text(json.dumps(metrics, indent=1))
+        plot(history, work / "loss_pulse.png",
+             f"{type(opt).__name__} on {Path(recipe.model).name}: held-out ppl "
+             f"{before['perplexity']:.2f} → {after['perplexity']:.2f}",
+             [(0, before["loss"]), (trainer.state.global_step, after["loss"])])
+        shutil.rmtree(work / "trainer", ignore_errors=True)
+        if out.exists():
+            shutil.rmtree(out)
+        work.rename(out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return metrics
