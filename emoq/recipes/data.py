@@ -17,11 +17,13 @@ def pydoc_qa_pairs() -> list[dict[str, str]]:
     Each topic is cut at its section headings; every prose paragraph of a section becomes one
     answer, asked for by a question naming the section ("In Python, explain <section>." for the
     first paragraph, "... (part k)" for the next). Code blocks (indented) stay in the answers
-    they follow. Deterministic: same Python version, same pairs.
+    they follow. Topics repeat sections of one another (e.g. "if" and "compound"): an answer is
+    kept once, so no held-out answer is also a training answer. Deterministic: same Python
+    version, same pairs.
     """
     from pydoc_data.topics import topics
 
-    pairs = []
+    pairs, seen = [], set()
     for key in sorted(topics):
         text = topics[key]
         marks = list(_HEADING.finditer(text))
@@ -41,8 +43,9 @@ def pydoc_qa_pairs() -> list[dict[str, str]]:
                 elif not block.startswith("   "):
                     paragraphs.append(" ".join(block.split()))
             for k, para in enumerate(paragraphs):
-                if len(para) < 80:
+                if len(para) < 80 or para in seen:
                     continue
+                seen.add(para)
                 question = f"In Python, explain {title}." if k == 0 else \
                     f"In Python, tell me more about {title} (part {k + 1})."
                 pairs.append({"question": question, "answer": para})
