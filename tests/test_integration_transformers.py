@@ -150,6 +150,52 @@ def test_trainer_checkpoint_resume_keeps_the_pulse(tiny_dir, tmp_path):
     assert [h["emo_pulse"] for h in tail] == [h["emo_pulse"] for h in full[2:]]
 
 
+def lora_grads(model, x):
+    model.zero_grad()
+    model(input_ids=x, labels=x).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_evaluation_before_training_keeps_nf4_gradients_right(tiny_dir):
+    # bitsandbytes repacks NF4 weights for CPU inference on an eval-mode forward and its packed
+    # kernel has no autograd: without the guard, LoRA gradients after one evaluation are wrong.
+    from emoq.integrations.transformers import disable_bnb_cpu_inference_packing
+
+    x = torch.randint(5, 90, (2, 16))
+
+    def fresh():
+        torch.manual_seed(0)
+        model = qlora_model(tiny_dir)
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.02)  # so every LoRA matrix gets a gradient
+        disable_bnb_cpu_inference_packing(model)
+        return model
+
+    want = lora_grads(fresh(), x)
+    model = fresh()
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=x)
+    model.train()
+    got = lora_grads(model, x)
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_already_packed_model_is_refused(tiny_dir):
+    from emoq.integrations.transformers import disable_bnb_cpu_inference_packing
+
+    model = qlora_model(tiny_dir)
+    layers = [m for m in model.modules() if hasattr(m, "support_avx512bf16_for_cpu")]
+    if not any(m.support_avx512bf16_for_cpu for m in layers):
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes never repacks here")
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=torch.randint(5, 90, (1, 8)))
+    with pytest.raises(RuntimeError, match="repacked by bitsandbytes"):
+        disable_bnb_cpu_inference_packing(model)
+
+
 def test_stop_after_validation():
     with pytest.raises(ValueError):
         EmoCallback(stop_after=0)

@@ -17,7 +17,10 @@ What it does, once training starts:
 * wraps ``trainer.log`` so every log entry (history, TensorBoard, W&B...) carries
   ``learning_rate`` = the real step size η, ``emo_pulse`` (η of the last update), ``emo_loss``
   (the mean pulse loss since the last log, comparable to ``loss``) and ``emo_should_stop``;
-* optionally stops training when the stop signal holds for ``stop_after`` consecutive updates.
+* optionally stops training when the stop signal holds for ``stop_after`` consecutive updates;
+* keeps bitsandbytes from repacking NF4 weights for CPU inference during evaluations (the
+  packed kernel has no autograd: training after it silently gets wrong gradients), and raises
+  if that already happened.
 
 The Trainer's lr scheduler cannot change an emoq update (the step size comes from the pulse, not
 from the group ``lr``), but a decaying or warm-up schedule would be silently ignored, so
@@ -35,7 +38,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 
 from emoq.optim.base import EmoOptimizer
 
-__all__ = ["EmoCallback", "unwrap_emo_optimizer"]
+__all__ = ["EmoCallback", "disable_bnb_cpu_inference_packing", "unwrap_emo_optimizer"]
 
 
 def unwrap_emo_optimizer(optimizer: Any) -> EmoOptimizer:
@@ -49,6 +52,33 @@ def unwrap_emo_optimizer(optimizer: Any) -> EmoOptimizer:
         f"EmoCallback needs an emoq optimizer, the Trainer has {type(optimizer).__name__}; pass one with "
         "optimizers=(emoq.EmoSens(model.parameters()), None) or optimizer_cls_and_kwargs=(emoq.EmoSens, {})"
     )
+
+
+def disable_bnb_cpu_inference_packing(model: torch.nn.Module) -> int:
+    """Stop bitsandbytes from repacking NF4 weights for CPU inference; returns modules touched.
+
+    bitsandbytes 0.50 (CPUs with AVX512-BF16) repacks a ``Linear4bit`` weight the first time it
+    runs in eval mode without grad, and keeps it packed; the packed kernel has no autograd, so
+    every later training step backpropagates wrong gradients through the frozen base (measured:
+    LoRA gradients off by ~90 % after one evaluation), with only a UserWarning. Raises if a
+    weight is already packed (the model was evaluated before this call): reload it.
+    """
+    touched, packed = 0, []
+    for name, module in model.named_modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+            touched += 1
+            state = getattr(getattr(module, "weight", None), "quant_state", None)
+            if getattr(state, "packing_format_for_cpu", False):
+                packed.append(name)
+    if packed:
+        raise RuntimeError(
+            f"{len(packed)} NF4 layer(s) (e.g. {packed[0]!r}) were repacked by bitsandbytes for CPU inference when the "
+            "model ran in eval mode; training through them gives wrong gradients. Call "
+            "emoq.integrations.transformers.disable_bnb_cpu_inference_packing(model) right after loading, "
+            "before any evaluation"
+        )
+    return touched
 
 
 def _find_trainer() -> Trainer | None:
@@ -93,6 +123,7 @@ class EmoCallback(TrainerCallback):
         self.trainer = trainer
         self.optimizer = unwrap_emo_optimizer(kwargs.get("optimizer") or trainer.optimizer)
         self._check_schedule(args)
+        disable_bnb_cpu_inference_packing(kwargs.get("model") or trainer.model)
         self._install(trainer)
         self.stop_streak = 0
         self._window = []

@@ -93,6 +93,9 @@ def load_qlora(recipe: Recipe) -> tuple[Any, Any]:
     if torch.cuda.is_available():
         kwargs["device_map"] = {"": torch.cuda.current_device()}
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    from emoq.integrations.transformers import disable_bnb_cpu_inference_packing
+
+    disable_bnb_cpu_inference_packing(model)  # the recipe evaluates before training
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
