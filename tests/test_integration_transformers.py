@@ -105,6 +105,15 @@ def test_a_schedule_that_would_be_ignored_raises(tiny_dir, tmp_path, overrides):
         trainer.train()
 
 
+def test_a_learning_rate_sized_scope_raises(tiny_dir, tmp_path):
+    # lr=5e-5 (the Trainer's default learning rate) as the pulse scope would pin eta to its 1e-6 floor
+    trainer = make_trainer(tiny_dir, tmp_path, callbacks=[EmoCallback()],
+                           optimizer=lambda m: emoq.EmoAiry8bit([p for p in m.parameters() if p.requires_grad],
+                                                                lr=5e-5))
+    with pytest.raises(ValueError, match="lr is the emoPulse scope"):
+        trainer.train()
+
+
 def test_non_emo_optimizer_is_refused(tiny_dir, tmp_path):
     trainer = make_trainer(tiny_dir, tmp_path, callbacks=[EmoCallback()],
                            optimizer=lambda m: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad]))

@@ -123,6 +123,7 @@ class EmoCallback(TrainerCallback):
         self.trainer = trainer
         self.optimizer = unwrap_emo_optimizer(kwargs.get("optimizer") or trainer.optimizer)
         self._check_schedule(args)
+        self._check_scope()
         disable_bnb_cpu_inference_packing(kwargs.get("model") or trainer.model)
         self._install(trainer)
         self.stop_streak = 0
@@ -136,6 +137,18 @@ class EmoCallback(TrainerCallback):
                 f"emoPulse sets the step size of {type(self.optimizer).__name__}, so the Trainer's lr schedule "
                 f"(lr_scheduler_type={kind!r}, warmup {warmup}) would be silently ignored: set "
                 "TrainingArguments(lr_scheduler_type='constant', warmup_steps=0)"
+            )
+
+    def _check_scope(self) -> None:
+        # lr is the pulse scope, not a learning rate: a learning-rate-sized value (e.g. the Trainer's
+        # 5e-5 copied into the optimizer kwargs) pins eta = clamp(hist * scope * 1e-4, 1e-6, 3e-3) to
+        # its 1e-6 floor unless hist grows 100-fold, and training crawls without any error.
+        scope = self.optimizer.emo_pulse.initial_scope
+        if scope < 1e-2:
+            raise ValueError(
+                f"{type(self.optimizer).__name__}(lr={scope:g}): lr is the emoPulse scope (default 1.0), not a "
+                "learning rate; this value pins the step size to its 1e-6 floor. Drop lr from the optimizer "
+                "kwargs (TrainingArguments.learning_rate has no effect on emoq optimizers)"
             )
 
     def _install(self, trainer: Trainer) -> None:
