@@ -2,6 +2,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -33,3 +34,17 @@ def batch():
 def make_net(seed=0):
     torch.manual_seed(seed)
     return ConvMLP()
+
+
+def train(net, opt, batch, steps, start=0):
+    """``steps`` updates on rotating 8-example slices of ``batch``; returns the losses."""
+    x, y = batch
+    losses = []
+    for i in range(start, start + steps):
+        xi, yi = x[(i % 4) * 8:(i % 4) * 8 + 8], y[(i % 4) * 8:(i % 4) * 8 + 8]
+        net.zero_grad()
+        loss = F.cross_entropy(net(xi), yi)
+        loss.backward()
+        opt.step(loss=loss)
+        losses.append(loss.item())
+    return losses

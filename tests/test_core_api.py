@@ -9,23 +9,13 @@ import torch
 import torch.nn.functional as F
 
 import emoq
-from tests.conftest import make_net
+from tests.conftest import make_net, train
 
 FAMILIES = [emoq.EmoSens, emoq.EmoAiry, emoq.EmoCats, emoq.EmoTion]
 
 
 def params_of(net):
     return [p.detach().clone() for p in net.parameters()]
-
-
-def train(net, opt, batch, steps, start=0, how="loss"):
-    x, y = batch
-    for i in range(start, start + steps):
-        xi, yi = x[(i % 4) * 8:(i % 4) * 8 + 8], y[(i % 4) * 8:(i % 4) * 8 + 8]
-        net.zero_grad()
-        loss = F.cross_entropy(net(xi), yi)
-        loss.backward()
-        opt.step(loss=loss)
 
 
 # ---------------------------------------------------------------- loss intake

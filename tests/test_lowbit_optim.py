@@ -8,11 +8,10 @@ import io
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import emoq
 from emoq.states import BLOCK_SIZE, is_lowbit, state_bytes
-from tests.conftest import make_net
+from tests.conftest import make_net, train
 
 FAMILIES = [emoq.EmoSens, emoq.EmoAiry, emoq.EmoCats, emoq.EmoTion]
 PRECISIONS = ["bf16", "8bit", "4bit", "fp8"]
@@ -21,19 +20,6 @@ PRECISIONS = ["bf16", "8bit", "4bit", "fp8"]
 @pytest.fixture(autouse=True)
 def no_compile(monkeypatch):
     monkeypatch.setenv("EMOQ_COMPILE", "0")
-
-
-def train(net, opt, batch, steps, start=0):
-    x, y = batch
-    losses = []
-    for i in range(start, start + steps):
-        xi, yi = x[(i % 4) * 8:(i % 4) * 8 + 8], y[(i % 4) * 8:(i % 4) * 8 + 8]
-        net.zero_grad()
-        loss = F.cross_entropy(net(xi), yi)
-        loss.backward()
-        opt.step(loss=loss)
-        losses.append(loss.item())
-    return losses
 
 
 def params_of(net):
