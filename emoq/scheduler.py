@@ -9,6 +9,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from emoq.distributed import reduce_loss
+from emoq.optim.base import as_loss_float
 from emoq.pulse import EmoPulse
 
 
@@ -39,12 +40,9 @@ class EmoPulseScheduler:
 
     def step(self, loss: float | Tensor) -> float | None:
         """Feed one loss; returns the new lr (``None`` if the loss was not finite)."""
-        if isinstance(loss, Tensor):
-            if loss.numel() != 1:
-                raise ValueError(f"EmoPulseScheduler.step expects a scalar loss, got shape {tuple(loss.shape)}")
-            loss = float(loss.detach().float().item())
+        loss = as_loss_float(loss, "EmoPulseScheduler.step(loss)")
         device = next((p.device for g in self.optimizer.param_groups for p in g["params"]), None)
-        value, finite = reduce_loss(float(loss), True, device)
+        value, finite = reduce_loss(loss, True, device)
         if not finite:
             self.skipped_steps += 1
             if not self._warned:

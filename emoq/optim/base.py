@@ -49,7 +49,8 @@ def is_factored(p: Tensor) -> bool:
     return p.dim() >= 2 and (p.shape[0] + p.shape[1]) / p.numel() < 0.05
 
 
-def _as_loss_float(loss: Any, what: str) -> float:
+def as_loss_float(loss: Any, what: str) -> float:
+    """A loss given as a float or a one-element tensor, as a Python float."""
     if isinstance(loss, Tensor):
         if loss.numel() != 1:
             raise ValueError(f"{what} must be a scalar (float or 0-dim tensor), got a tensor of shape "
@@ -202,7 +203,7 @@ class EmoOptimizer(Optimizer):
                 raise ValueError(f"record_loss expects a scalar loss, got shape {tuple(loss.shape)}")
             self._recorded.append(loss.detach().reshape(()).float())
         else:
-            self._recorded.append(_as_loss_float(loss, "record_loss(loss)"))
+            self._recorded.append(as_loss_float(loss, "record_loss(loss)"))
 
     def discard_recorded_losses(self) -> None:
         """Forget the micro-batch losses recorded since the last step (e.g. when a GradScaler
@@ -221,13 +222,12 @@ class EmoOptimizer(Optimizer):
                 result = closure()
             if result is None:
                 raise RuntimeError(NO_LOSS_MESSAGE.format(name=name) + " (the closure returned None)")
-            return result, _as_loss_float(result, "the closure's return value")
+            return result, as_loss_float(result, "the closure's return value")
         if loss is not None:
-            return loss, _as_loss_float(loss, "step(loss=...)")
+            return loss, as_loss_float(loss, "step(loss=...)")
         if self._recorded:
             recorded, self._recorded = self._recorded, []
-            total = sum(float(x) if isinstance(x, float) else x for x in recorded)
-            return None, _as_loss_float(total, "recorded loss") / len(recorded)
+            return None, as_loss_float(sum(recorded), "recorded loss") / len(recorded)
         raise RuntimeError(NO_LOSS_MESSAGE.format(name=name))
 
     # ------------------------------------------------------------------ step
@@ -266,6 +266,7 @@ class EmoOptimizer(Optimizer):
             return result
         self._last_loss = loss_value
         lr = self._pulse.update(loss_value)
+        self._scalars = {}  # fused kernels' step scalars, one tensor per (group, device) this step
         for group, p in work:
             self._update_param(p, group, lr)
         for group in self.param_groups:
@@ -298,8 +299,11 @@ class EmoOptimizer(Optimizer):
         if self._use_fused(p_work, states):
             if self._kernels is None:
                 self._kernels = FusedKernels()
-            self._kernels.run(self._family, p_work.view(-1), g.reshape(-1), states,
-                              step_scalars(lr, group, p.device), self._storage)
+            key = (id(group), p.device)
+            if key not in self._scalars:
+                self._scalars[key] = step_scalars(lr, group, p.device)
+            self._kernels.run(self._family, p_work.view(-1), g.reshape(-1), states, self._scalars[key],
+                              self._storage)
         else:
             work = {n: self._storage.load(state[n]) for n in names}
             self._rule(p_work, g, work, group, lr)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -170,6 +169,3 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         values[key] = _coerce(key, value, str(known[key].type))
     return Recipe(**values).validate()
 
-
-def dump_recipe(recipe: Recipe) -> str:
-    return json.dumps(recipe.to_dict(), indent=1)
