@@ -79,9 +79,16 @@ def working_copy(p: Tensor, state: dict[str, Any], mode: str) -> Tensor:
 
 
 def write_back(p: Tensor, x: Tensor, state: dict[str, Any], mode: str) -> None:
-    """Write the updated fp32 value ``x`` into ``p`` according to ``mode``."""
+    """Write the updated fp32 value ``x`` into ``p`` according to ``mode``.
+
+    Saturating: a value beyond the largest finite value of ``p``'s dtype is written as that
+    value (rounding it would give inf), in every mode.
+    """
     if x is p:
         return
+    if p.dtype in LOW_PRECISION:
+        top = torch.finfo(p.dtype).max
+        x = x.clamp_(-top, top)
     if p.dtype not in LOW_PRECISION or mode == "none":
         p.copy_(x)
         return

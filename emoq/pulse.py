@@ -121,19 +121,47 @@ class EmoPulse:
         return {name: getattr(self, name) for name in self._FIELDS}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        missing = [name for name in self._FIELDS if name not in state]
-        if missing:
-            raise KeyError(f"EmoPulse state_dict is missing {missing}")
-        for name in self._FIELDS:
-            value = state[name]
-            if name == "should_stop":
-                value = bool(value)
-            elif name == "steps":
-                value = int(value)
-            elif value is not None:
-                value = float(value)
+        """Restore :meth:`state_dict`; every value is checked first, so a bad one changes nothing."""
+        values = check_pulse_state(state, self._FIELDS)
+        for name, value in values.items():
             setattr(self, name, value)
 
     def __repr__(self) -> str:
         return (f"EmoPulse(scope={self.scope}, eta={self.eta}, hist={self.hist}, steps={self.steps}, "
                 f"should_stop={self.should_stop})")
+
+
+def check_pulse_state(state: Any, fields: tuple[str, ...]) -> dict[str, Any]:
+    """The validated values of a pulse ``state_dict`` (raises ``KeyError``/``ValueError``, names the field).
+
+    A NaN or inf anywhere (``hist = nan`` makes every later step size NaN), a negative count,
+    a scope <= 0 or loss EMAs set only in part are refused.
+    """
+    if not isinstance(state, dict):
+        raise ValueError(f"EmoPulse state_dict must be a dict, got {type(state).__name__}")
+    missing = [name for name in fields if name not in state]
+    if missing:
+        raise KeyError(f"EmoPulse state_dict is missing {missing}")
+    out: dict[str, Any] = {}
+    for name in fields:
+        value = state[name]
+        if name == "should_stop":
+            if not isinstance(value, (bool, int)) or value not in (0, 1):
+                raise ValueError(f"EmoPulse state {name!r} must be a bool, got {value!r}")
+            out[name] = bool(value)
+        elif name == "steps":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"EmoPulse state {name!r} must be an int >= 0, got {value!r}")
+            out[name] = value
+        elif value is None and name in ("short", "medium", "long", "eta"):
+            out[name] = None
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            out[name] = float(value)
+        else:
+            raise ValueError(f"EmoPulse state {name!r} must be a finite float, got {value!r}")
+    emas = [out.get(n) for n in ("short", "medium", "long") if n in out]
+    if any(v is None for v in emas) and not all(v is None for v in emas):
+        raise ValueError("EmoPulse state: the loss EMAs 'short', 'medium', 'long' are set only in part")
+    if "scope" in out and not out["scope"] > 0:
+        raise ValueError(f"EmoPulse state 'scope' must be > 0, got {out['scope']!r}")
+    return out

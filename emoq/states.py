@@ -45,6 +45,8 @@ DEFAULT_MIN_LOWBIT_SIZE = 4096
 FP8 = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8).max)
 FP8_TINY = 2.0 ** -9  # smallest positive e4m3fn subnormal
+FP32_MAX = float(torch.finfo(torch.float32).max)
+BF16_MAX = float(torch.finfo(torch.bfloat16).max)
 
 _QMAPS: dict[tuple[str, bool], tuple[float, ...]] = {}
 
@@ -134,12 +136,13 @@ def quantize_parts_(precision: str, signed: bool, codes: Tensor, scale: Tensor, 
     """Quantize the fp32 values ``x`` into ``codes``/``scale`` in place (unsigned: stores sqrt).
 
     ``tables`` (from :func:`encode_tables`) replaces torchao's binary search by two lookups.
+    Saturating: an inf is stored as the largest fp32 value, so a block scale is always finite
+    and every code dequantizes to a finite value (squared, for unsigned states).
     """
     from torchao.optim.quant_utils import quantize_4bit_with_qmap, quantize_8bit_with_qmap, scale_tensor
 
     x = x.reshape(-1)
-    if not signed:
-        x = x.clamp_min(0).sqrt()
+    x = x.clamp(0.0, FP32_MAX).sqrt() if not signed else x.clamp(-FP32_MAX, FP32_MAX)
     block = x.numel() // scale.numel()
     if precision == "8bit":
         scaled, s = scale_tensor(x, block)
@@ -327,6 +330,72 @@ class StateStorage:
         state = self.zeros(value.shape, signed=signed, device=device)
         if is_lowbit(state):
             self.store(state, value.float())
-        else:
-            state.copy_(value)
+        else:  # saturate: an fp32 value above bf16's largest would round to inf
+            state.copy_(value.clamp(-BF16_MAX, BF16_MAX) if state.dtype == torch.bfloat16 else value)
         return state
+
+
+def check_saved_state(value: Any, shape: tuple[int, ...], signed: bool, plain_only: bool = False) -> str | None:
+    """Why a saved state value (as :meth:`StateStorage.export` writes it) cannot be a state of
+    ``shape``, as words to follow "state 'v' of parameter 3"; ``None`` if it can.
+
+    Checks the shape, the dtype, the layout of a low-bit value (codes and scales of the right
+    size, the sign the state is stored with) and that every value is finite.
+    """
+    shape = tuple(int(s) for s in shape)
+    if isinstance(value, Tensor):
+        if tuple(value.shape) != shape:
+            return f"has shape {tuple(value.shape)}, expected {shape}"
+        if not value.is_floating_point():
+            return f"has dtype {value.dtype}, expected a floating-point tensor"
+        if value.numel() and not bool(torch.isfinite(value).all()):
+            return "holds NaN or inf"
+        return None
+    keys = {"precision", "signed", "shape", "codes", "scale"}
+    if plain_only or not isinstance(value, dict) or set(value) != keys:
+        return "is neither a tensor nor a saved low-bit state " + ("" if plain_only else f"(a dict of {sorted(keys)})")
+    prec, codes, scale = value["precision"], value["codes"], value["scale"]
+    if prec not in LOWBIT:
+        return f"has unknown precision {prec!r} (known: {', '.join(LOWBIT)})"
+    if not (isinstance(value["shape"], (list, tuple)) and all(isinstance(s, int) for s in value["shape"])):
+        return f"has a malformed shape {value['shape']!r}"
+    if tuple(value["shape"]) != shape:
+        return f"has shape {tuple(value['shape'])}, expected {shape}"
+    if not isinstance(value["signed"], bool) or value["signed"] != signed:
+        return f"is stored with signed={value['signed']!r}, expected {signed} (a state of another family?)"
+    if not (isinstance(codes, Tensor) and isinstance(scale, Tensor)):
+        return "has codes or scale that are not tensors"
+    numel, block = math.prod(shape), BLOCK_SIZE[prec]
+    want_codes = (numel // 2, torch.uint8) if prec == "4bit" else (numel, FP8 if prec == "fp8" else torch.uint8)
+    if numel % block or (codes.numel(), codes.dtype) != want_codes:
+        return f"has {codes.numel()} {codes.dtype} codes, expected {want_codes[0]} {want_codes[1]} for {prec}"
+    if scale.numel() != numel // block or scale.dtype != torch.float32:
+        return f"has {scale.numel()} {scale.dtype} scales, expected {numel // block} float32"
+    if scale.numel() and not bool((torch.isfinite(scale) & (scale >= 0)).all()):
+        return "has a NaN, inf or negative block scale"
+    if prec == "fp8" and codes.numel() and not bool(torch.isfinite(codes.float()).all()):
+        return "holds NaN fp8 codes"
+    return None
+
+
+def clone_lowbit(state: Tensor, memo: dict[int, Any] | None = None) -> Tensor:
+    """A copy of a torchao low-bit state (they implement no ``aten.clone``), for ``copy.deepcopy``."""
+    import copy
+
+    memo = {} if memo is None else memo
+    codes, scale, q = parts(state)
+    codes, scale = codes.detach().clone(), scale.detach().clone()
+    prec = precision_of(state)
+    if prec == "8bit":
+        from torchao.optim.subclass_8bit import OptimState8bit
+
+        return OptimState8bit(codes, scale, copy.deepcopy(q, memo), state.signed)
+    if prec == "4bit":
+        from torchao.optim.subclass_4bit import OptimState4bit
+
+        return OptimState4bit(codes, scale, copy.deepcopy(q, memo), state.signed, tuple(state.shape))
+    from torchao.optim.subclass_fp8 import OptimStateFp8
+
+    new = OptimStateFp8(codes, scale)
+    new.signed = state.signed
+    return new

@@ -42,6 +42,8 @@ class EmoAiry(EmoOptimizer):
 
     noise_floor = 1e-8
 
+    eps_in_denominator = True
+
     def _state_specs(self, p: Tensor) -> dict[str, StateSpec]:
         if not is_factored(p):
             return {}

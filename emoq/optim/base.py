@@ -7,7 +7,9 @@ A family adds only which states it keeps (``_state_specs``) and its rule (``_rul
 
 from __future__ import annotations
 
+import copy
 import math
+import numbers
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -21,8 +23,8 @@ from torch.optim import Optimizer
 from emoq import compensate
 from emoq.distributed import reduce_loss
 from emoq.fused import FUSED_FAMILIES, FusedKernels, step_scalars
-from emoq.pulse import EmoPulse
-from emoq.states import DEFAULT_MIN_LOWBIT_SIZE, StateStorage, is_lowbit
+from emoq.pulse import EmoPulse, check_pulse_state
+from emoq.states import DEFAULT_MIN_LOWBIT_SIZE, StateStorage, check_saved_state, clone_lowbit, is_lowbit
 
 NO_LOSS_MESSAGE = (
     "{name}.step() got no loss: emoPulse computes the step size from the loss, and emoq never "
@@ -44,32 +46,75 @@ class StateSpec:
         object.__setattr__(self, "signed", bool(signed))
 
 
+FAMILIES = ("EmoSens", "EmoAiry", "EmoCats", "EmoTion")
+FP32_MAX = float(torch.finfo(torch.float32).max)
+# keys a param group may hold: the per-group hyper-parameters, torch's names, and the key torch's
+# lr schedulers add (a group saved after a scheduler ran carries it)
+GROUP_KEYS = ("params", "param_names", "lr", "betas", "eps", "weight_decay", "initial_lr")
+
+
 def is_factored(p: Tensor) -> bool:
-    """SPEC.md: ``p.dim() >= 2`` and ``(shape[0] + shape[1]) / numel < 0.05``."""
-    return p.dim() >= 2 and (p.shape[0] + p.shape[1]) / p.numel() < 0.05
+    """SPEC.md: ``p.dim() >= 2`` and ``(shape[0] + shape[1]) / numel < 0.05`` (never for zero-size ``p``)."""
+    return p.dim() >= 2 and p.numel() > 0 and (p.shape[0] + p.shape[1]) / p.numel() < 0.05
+
+
+def grad_limit(numel: int) -> float:
+    """The largest gradient magnitude a step accepts for a tensor of ``numel`` elements.
+
+    ``sqrt(FP32_MAX / (4 * numel))``: below it, ``g**2`` and any sum of ``g**2`` over the tensor
+    (EmoSens' ``v``, EmoAiry's row/column means) stay finite in fp32 with a 4x margin for the
+    moving averages. Larger gradients count like non-finite ones (the step is skipped).
+    """
+    return math.sqrt(FP32_MAX / 4.0 / max(int(numel), 1))
+
+
+def _is_number(value: Any) -> bool:
+    """A real number (Python or numpy scalar), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and type(value).__name__ != "bool_"
+
+
+def _check_loss_tensor(loss: Tensor, what: str) -> None:
+    if loss.numel() != 1:
+        raise ValueError(f"{what} must be a scalar (float or 0-dim tensor), got a tensor of shape {tuple(loss.shape)}")
+    if torch.is_complex(loss) or loss.dtype == torch.bool:
+        raise TypeError(f"{what} must be a real number, got a {loss.dtype} tensor")
 
 
 def as_loss_float(loss: Any, what: str) -> float:
-    """A loss given as a float or a one-element tensor, as a Python float."""
+    """A loss given as a float, a numpy scalar or a one-element real tensor, as a Python float."""
     if isinstance(loss, Tensor):
-        if loss.numel() != 1:
-            raise ValueError(f"{what} must be a scalar (float or 0-dim tensor), got a tensor of shape "
-                             f"{tuple(loss.shape)}")
-        return float(loss.detach().float().item())
-    if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+        _check_loss_tensor(loss, what)
+        return float(loss.detach().double().item())
+    if _is_number(loss):
         return float(loss)
+    if type(loss).__module__ == "numpy" and getattr(loss, "size", 0) == 1 and getattr(loss.dtype, "kind", "") in "fiu":
+        return float(loss.item())  # a one-element numpy array
     raise TypeError(f"{what} must be a float or a 0-dim tensor, got {type(loss).__name__}")
 
 
-def _all_finite(tensors: list[Tensor]) -> bool:
-    """Whether every element of every tensor is finite, with one device sync.
+def _grads_in_range(tensors: list[Tensor]) -> bool:
+    """Whether every gradient is finite and within :func:`grad_limit`, with one device sync.
 
     ``aminmax`` propagates NaN, shows +inf in the max and -inf in the min, and reads each
     tensor once without allocating (20x faster on CPU than ``isfinite(t).all()``, which builds
-    full-size masks).
+    full-size masks); the limit costs one comparison per tensor.
     """
     ends = [torch.stack(torch.aminmax(t.detach())).float() for t in tensors if t.numel() > 0]
-    return not ends or bool(torch.isfinite(torch.cat(ends)).all())
+    if not ends:
+        return True
+    limits = torch.tensor([grad_limit(t.numel()) for t in tensors if t.numel() > 0], device=ends[0].device)
+    return bool((torch.stack(ends).abs() <= limits[:, None]).all())  # NaN compares False
+
+
+@torch.compiler.disable(reason="emoq optimizers refuse torch.compile of step()")
+def _refuse_compile(name: str) -> None:
+    # Reached only from code dynamo traced (torch.compiler.is_compiling() was True): dynamo cannot
+    # inline a disabled function, so it runs this eagerly, and the error reaches the caller.
+    raise RuntimeError(
+        f"{name}.step() cannot run under torch.compile: emoPulse reads the loss as a Python number and the "
+        "low-bit states run their own compiled kernels (already compiled per parameter). Call opt.step() "
+        "outside the compiled function; compile the model's forward/backward only."
+    )
 
 
 class EmoOptimizer(Optimizer):
@@ -117,13 +162,15 @@ class EmoOptimizer(Optimizer):
         compensation: str | None = None,
         fused: bool | None = None,
     ) -> None:
-        if isinstance(lr, Tensor) or not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        if not (_is_number(lr) and math.isfinite(lr) and lr > 0):
             raise ValueError(f"lr (the pulse scope) must be a finite float > 0, got {lr!r}")
         self._check_hparams(betas, eps, weight_decay)
+        if not isinstance(use_shadow, bool):
+            raise ValueError(f"use_shadow must be True or False, got {use_shadow!r}")
         self._storage = StateStorage(state_precision, min_lowbit_size)
         self.min_lowbit_size = min_lowbit_size
         self.compensation = compensate.check_compensation(compensation)
-        if fused not in (None, True, False):
+        if fused not in (None, True, False) or isinstance(fused, int) and not isinstance(fused, bool):
             raise ValueError(f"fused must be None, True or False, got {fused!r}")
         self.fused = fused
         self._kernels: FusedKernels | None = None
@@ -132,45 +179,72 @@ class EmoOptimizer(Optimizer):
                        and c.__module__.startswith("emoq.optim.")), None)
         self._family = family.__name__ if family is not None and type(self)._rule is family._rule else None
         defaults = dict(lr=float(lr), betas=tuple(betas), eps=eps, weight_decay=weight_decay)
-        self.use_shadow = bool(use_shadow)
+        self.use_shadow = use_shadow
         self.state_precision = state_precision
         self._pulse = EmoPulse(scope=float(lr), noise_floor=self.noise_floor,
                                stop_thresholds=self.stop_thresholds)
-        self._recorded: list[Tensor | float] = []
+        self._recorded_sum: Tensor | None = None  # running sum of the recorded micro-batch losses
+        self._recorded_count = 0
         self.skipped_steps = 0
         self._warned_skip = False
         super().__init__(params, defaults)
 
+    @classmethod
+    def family(cls) -> str:
+        """The Emo family this optimizer belongs to (``"EmoSens"`` for ``EmoSens8bit`` or a subclass)."""
+        return next((c.__name__ for c in cls.__mro__ if c.__name__ in FAMILIES and c.__module__.startswith("emoq.")),
+                    cls.__name__)
+
     # ------------------------------------------------------------------ validation
-    @staticmethod
-    def _check_hparams(betas: Any, eps: Any, weight_decay: Any) -> None:
+    eps_in_denominator = False  # EmoSens and EmoAiry divide by (... + eps): they need eps > 0
+
+    @classmethod
+    def _check_hparams(cls, betas: Any, eps: Any, weight_decay: Any) -> None:
         if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
         for i, beta in enumerate(betas):
-            if not (isinstance(beta, (int, float)) and 0.0 <= beta < 1.0):
+            if not (_is_number(beta) and 0.0 <= beta < 1.0):
                 raise ValueError(f"betas[{i}] must be in [0, 1), got {beta!r}")
-        if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0.0):
+        if not (_is_number(eps) and math.isfinite(eps) and eps >= 0.0):
             raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
-        if not (isinstance(weight_decay, (int, float)) and math.isfinite(weight_decay) and weight_decay >= 0.0):
+        if cls.eps_in_denominator and not eps >= torch.finfo(torch.float32).tiny:
+            # eps = 0 (or one that is 0 in fp32) makes 0/0 = NaN wherever a gradient entry is 0
+            raise ValueError(f"eps must be >= 1.2e-38 for {cls.family()} (it divides by (... + eps)), got {eps!r}")
+        if not (_is_number(weight_decay) and math.isfinite(weight_decay) and weight_decay >= 0.0):
             raise ValueError(f"weight_decay must be a finite float >= 0, got {weight_decay!r}")
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """torch's ``add_param_group``, validated first: a group that raises is not added."""
+        name = type(self).__name__
+        if not isinstance(param_group, dict):
+            raise TypeError(f"a param group must be a dict, got {type(param_group).__name__}")
+        unknown = sorted(str(k) for k in param_group if k not in GROUP_KEYS)
+        if unknown:
+            raise ValueError(f"param group key(s) {unknown} unknown to {name}: a group may set "
+                             f"{', '.join(k for k in GROUP_KEYS if k not in ('params', 'initial_lr'))}; "
+                             "state_precision, use_shadow, compensation, fused, min_lowbit_size are per optimizer")
         if "lr" in param_group and param_group["lr"] != self.defaults["lr"]:
             raise ValueError(
-                f"param groups of {type(self).__name__} cannot set their own lr ({param_group['lr']!r}): "
+                f"param groups of {name} cannot set their own lr ({param_group['lr']!r}): "
                 "lr is the scope of the one emoPulse shared by all groups; set it on the optimizer"
             )
         self._check_hparams(param_group.get("betas", self.defaults["betas"]),
                             param_group.get("eps", self.defaults["eps"]),
                             param_group.get("weight_decay", self.defaults["weight_decay"]))
-        super().add_param_group(param_group)
+        params = param_group.get("params")
+        if isinstance(params, set):
+            raise TypeError("optimizer parameters need to be organized in ordered collections, but the ordering "
+                            "of tensors in sets will change between runs. Please use a list instead.")
+        params = [params] if isinstance(params, Tensor) else list(params) if params is not None else []
+        for p in params:
+            tensor = p[1] if isinstance(p, tuple) and len(p) == 2 else p  # (name, param) pairs too
+            if isinstance(tensor, Tensor) and torch.is_complex(tensor):
+                raise ValueError(f"{name} does not support complex parameters")
+        super().add_param_group({**param_group, "params": params})
         group = self.param_groups[-1]
         group["betas"] = tuple(group["betas"])
         if self._pulse.eta is not None:
             group["lr"] = self._pulse.eta
-        for p in group["params"]:
-            if torch.is_complex(p):
-                raise ValueError(f"{type(self).__name__} does not support complex parameters")
 
     # ------------------------------------------------------------------ public state
     @property
@@ -197,26 +271,33 @@ class EmoOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ loss intake
     def record_loss(self, loss: float | Tensor) -> None:
-        """Record the loss of one micro-batch; the next ``step()`` uses the mean of all recorded."""
+        """Record the loss of one micro-batch; the next ``step()`` uses the mean of all recorded.
+
+        The losses are added up as they come, in float64 on the loss's device (no device sync),
+        and the running sum is what ``state_dict()`` saves: a run resumed mid-accumulation takes
+        exactly the step the uninterrupted one takes.
+        """
         if isinstance(loss, Tensor):
-            if loss.numel() != 1:
-                raise ValueError(f"record_loss expects a scalar loss, got shape {tuple(loss.shape)}")
-            self._recorded.append(loss.detach().reshape(()).float())
+            _check_loss_tensor(loss, "record_loss(loss)")
+            value = loss.detach().reshape(())
+            value = value.to(torch.float32 if value.device.type == "mps" else torch.float64)  # mps has no fp64
         else:
-            self._recorded.append(as_loss_float(loss, "record_loss(loss)"))
+            value = torch.tensor(as_loss_float(loss, "record_loss(loss)"), dtype=torch.float64)
+        self._recorded_sum = value if self._recorded_sum is None else self._recorded_sum + value
+        self._recorded_count += 1
 
     def discard_recorded_losses(self) -> None:
         """Forget the micro-batch losses recorded since the last step (e.g. when a GradScaler
         skipped ``step()``, so they do not leak into the next update's mean)."""
-        self._recorded.clear()
+        self._recorded_sum, self._recorded_count = None, 0
 
     def _take_loss(self, closure: Callable[[], Any] | None, loss: Any) -> tuple[Any, float]:
+        """The step's loss; changes nothing (the recorded losses are dropped by ``step`` later)."""
         name = type(self).__name__
-        sources = [closure is not None, loss is not None, bool(self._recorded)]
+        sources = [closure is not None, loss is not None, self._recorded_count > 0]
         if sum(sources) > 1:
-            self._recorded.clear()
             raise RuntimeError(f"{name}.step() got a loss from more than one source (closure, loss=, "
-                               "record_loss); give exactly one")
+                               "record_loss); give exactly one (discard_recorded_losses() drops the recorded ones)")
         if closure is not None:
             with torch.enable_grad():
                 result = closure()
@@ -225,44 +306,62 @@ class EmoOptimizer(Optimizer):
             return result, as_loss_float(result, "the closure's return value")
         if loss is not None:
             return loss, as_loss_float(loss, "step(loss=...)")
-        if self._recorded:
-            recorded, self._recorded = self._recorded, []
-            return None, as_loss_float(sum(recorded), "recorded loss") / len(recorded)
+        if self._recorded_count:
+            return None, float(self._recorded_sum.item()) / self._recorded_count
         raise RuntimeError(NO_LOSS_MESSAGE.format(name=name))
 
     # ------------------------------------------------------------------ step
-    def _params_with_grad(self) -> list[tuple[dict, Tensor]]:
-        out = []
-        for group in self.param_groups:
+    def _prepare_step(self) -> list[tuple[dict, Tensor]]:
+        """The (group, parameter) pairs to update, after checking everything that can fail.
+
+        Runs before any parameter, state or the pulse changes, so a step that raises has changed
+        nothing. Parameters without a gradient and zero-size parameters are skipped.
+        """
+        name = type(self).__name__
+        work = []
+        for i, group in enumerate(self.param_groups):
+            try:  # groups can be edited after construction
+                self._check_hparams(group["betas"], group["eps"], group["weight_decay"])
+            except ValueError as err:
+                raise ValueError(f"{name} param group {i}: {err}") from None
             for p in group["params"]:
-                if p.grad is None:
+                grad = p.grad
+                if grad is None or p.numel() == 0:
                     continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                if torch.is_complex(p.grad):
-                    raise RuntimeError(f"{type(self).__name__} does not support complex gradients")
-                out.append((group, p))
-        return out
+                if grad.is_sparse:
+                    raise RuntimeError(f"{name} does not support sparse gradients")
+                if torch.is_complex(grad):
+                    raise RuntimeError(f"{name} does not support complex gradients")
+                if grad.shape != p.shape:
+                    raise RuntimeError(f"{name}: a gradient of shape {tuple(grad.shape)} for a parameter of shape "
+                                       f"{tuple(p.shape)}")
+                work.append((group, p))
+        return work
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *, loss: float | Tensor | None = None) -> Any:
         """One update. The loss comes from ``closure``, ``loss=`` or the recorded micro-batch losses.
 
-        A non-finite loss or gradient skips the whole step (parameters, states and pulse
-        untouched), warns once and increments ``skipped_steps``.
+        All or nothing: everything that can fail is checked before anything changes. A
+        non-finite loss, or a gradient that is non-finite or beyond :func:`grad_limit`, skips
+        the whole step (parameters, states and pulse untouched), warns once and increments
+        ``skipped_steps``. Refuses to run under ``torch.compile``.
         """
+        if torch.compiler.is_compiling():
+            _refuse_compile(type(self).__name__)
         result, loss_value = self._take_loss(closure, loss)
-        work = self._params_with_grad()
-        grads_finite = _all_finite([p.grad for _, p in work])
+        work = self._prepare_step()
+        grads_ok = _grads_in_range([p.grad for _, p in work])
         device = work[0][1].device if work else None
-        loss_value, finite = reduce_loss(loss_value, grads_finite, device)
+        loss_value, finite = reduce_loss(loss_value, grads_ok, device)
+        self.discard_recorded_losses()
         if not finite:
             self.skipped_steps += 1
             if not self._warned_skip:
                 self._warned_skip = True
-                warnings.warn(f"{type(self).__name__}: non-finite loss or gradient, step skipped (parameters, "
-                              "states and pulse unchanged; see .skipped_steps; warned once)",
-                              RuntimeWarning, stacklevel=2)
+                warnings.warn(f"{type(self).__name__}: non-finite loss, or a gradient that is non-finite or so large "
+                              "its square overflows fp32; step skipped (parameters, states and pulse unchanged; "
+                              "see .skipped_steps; warned once)", RuntimeWarning, stacklevel=2)
             return result
         self._last_loss = loss_value
         lr = self._pulse.update(loss_value)
@@ -329,7 +428,7 @@ class EmoOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
-        """Torch's optimizer state dict plus ``"emo"``: the pulse, skip counter and precision.
+        """Torch's optimizer state dict plus ``"emo"``: the pulse, skip counter, family and precision.
 
         States are plain tensors (``torch.load(weights_only=True)`` works).
         """
@@ -341,43 +440,155 @@ class EmoOptimizer(Optimizer):
             for pid, st in sd["state"].items()
         }
         sd["emo"] = {
-            "format": 1,
+            "format": 2,
+            "family": self.family(),
+            "use_shadow": self.use_shadow,
             "pulse": self._pulse.state_dict(),
             "skipped_steps": self.skipped_steps,
             "state_precision": self.state_precision,
             "compensation": self.compensation,
-            "recorded": [float(x) for x in self._recorded],
+            "recorded_sum": None if self._recorded_sum is None else self._recorded_sum.detach().to("cpu", copy=True),
+            "recorded_count": self._recorded_count,
         }
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Resume from :meth:`state_dict`, saved at any ``state_precision``."""
-        state_dict = dict(state_dict)
-        emo = state_dict.pop("emo", None)
-        if emo is None:
-            raise KeyError(f"not an emoq state_dict (no 'emo' entry): {type(self).__name__} needs the pulse "
+        """Resume from :meth:`state_dict`, saved at any ``state_precision``.
+
+        Everything is checked before anything changes (:meth:`_check_state_dict`): a state dict
+        of another family, with another ``use_shadow``, with states of the wrong names or
+        shapes, or with a NaN/inf in a state or in the pulse raises ``ValueError`` naming the
+        parameter and the mismatch, and leaves this optimizer as it was.
+        """
+        states, pulse, skipped, recorded = self._check_state_dict(state_dict)
+        # torch's loader would cast floating states to the parameter's dtype: give it the groups
+        # only, and put the states rebuilt through the storage policy (any saved precision) in place.
+        super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
+        for p, st in states.items():
+            self.state[p] = st
+        self._pulse.load_state_dict(pulse)
+        self.skipped_steps = skipped
+        self._recorded_sum, self._recorded_count = recorded
+
+    def _check_state_dict(self, state_dict: Any) -> tuple[dict[Tensor, dict[str, Any]], dict, int, tuple]:
+        """Validate a saved state dict against this optimizer and rebuild its states, changing nothing.
+
+        Returns ``(states by parameter, pulse state, skipped_steps, (recorded sum, count))``.
+        """
+        name = type(self).__name__
+        if not isinstance(state_dict, dict) or "emo" not in state_dict:
+            raise KeyError(f"not an emoq state_dict (no 'emo' entry): {name} needs the pulse "
                            "state to resume; load a state_dict saved by an emoq optimizer")
-        saved_state = state_dict["state"]
-        super().load_state_dict(state_dict)
-        # torch casts floating states to the parameter's dtype; rebuild them through the storage
-        # policy from the saved values instead, so no precision is lost and precisions can differ.
-        id_map = dict(zip(chain.from_iterable(g["params"] for g in state_dict["param_groups"]),
-                          chain.from_iterable(g["params"] for g in self.param_groups)))
+        emo, saved_groups, saved_state = state_dict["emo"], state_dict.get("param_groups"), state_dict.get("state")
+        if not isinstance(emo, dict) or emo.get("format") not in (1, 2):
+            found = emo.get("format") if isinstance(emo, dict) else emo
+            raise ValueError(f"emoq state_dict: unknown 'emo' format {found!r}")
+        if not isinstance(saved_groups, list) or not isinstance(saved_state, dict):
+            raise ValueError("emoq state_dict: 'param_groups' must be a list and 'state' a dict")
+        family = emo.get("family")
+        if family is not None and family != self.family():
+            raise ValueError(f"state_dict of an {family} optimizer cannot be loaded into {name} ({self.family()})")
+        shadow = emo.get("use_shadow")
+        if shadow is not None and bool(shadow) != self.use_shadow:
+            raise ValueError(f"state_dict saved with use_shadow={bool(shadow)}, this {name} has "
+                             f"use_shadow={self.use_shadow}")
+        # param groups: the same layout, valid hyper-parameters
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(saved_groups)} param group(s), {name} has {len(self.param_groups)}")
+        for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            if not isinstance(saved, dict) or not isinstance(saved.get("params"), list):
+                raise ValueError(f"state_dict param group {i} has no 'params' list")
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"state_dict param group {i} has {len(saved['params'])} parameters, {name}'s has "
+                                 f"{len(group['params'])}")
+            try:
+                self._check_hparams(saved.get("betas"), saved.get("eps"), saved.get("weight_decay"))
+            except ValueError as err:
+                raise ValueError(f"state_dict param group {i}: {err}") from None
+        ids = list(chain.from_iterable(g["params"] for g in saved_groups))
+        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
+        if len(set(ids)) != len(ids):
+            raise ValueError("state_dict param groups list a parameter id twice")
+        id_map = dict(zip(ids, params))
+        index = dict(zip(ids, range(len(ids))))
+        states = {}
         for pid, saved in saved_state.items():
+            if pid not in id_map:
+                raise ValueError(f"state_dict has a state for parameter id {pid!r}, which no param group lists")
             p = id_map[pid]
-            specs = self._state_specs(p)
-            rebuilt: dict[str, Any] = {}
-            for name, value in saved.items():
-                if name == "shadow":
-                    rebuilt[name] = value.detach().to(device=p.device, dtype=p.dtype, copy=True)
-                elif name == "residual":  # compensation buffer: param dtype, or int8 ulp units
-                    if compensate.needs_compensation(p) and self.compensation == emo.get("compensation"):
-                        rebuilt[name] = value.detach().to(device=p.device, copy=True)
-                elif name in specs:
-                    rebuilt[name] = self._storage.import_(value, signed=specs[name].signed, device=p.device)
-                else:
-                    raise KeyError(f"unexpected state {name!r} for a parameter of shape {tuple(p.shape)}")
-            self.state[p] = rebuilt
-        self._pulse.load_state_dict(emo["pulse"])
-        self.skipped_steps = int(emo.get("skipped_steps", 0))
-        self._recorded = [float(x) for x in emo.get("recorded", [])]
+            where = f"parameter {index[pid]} (shape {tuple(p.shape)})"
+            if not isinstance(saved, dict):
+                raise ValueError(f"state_dict: the state of {where} is not a dict")
+            states[p] = self._check_param_state(p, saved, where, emo.get("compensation"))
+        # pulse, counters, recorded micro-batch losses
+        try:
+            pulse = check_pulse_state(emo.get("pulse"), EmoPulse._FIELDS)
+        except (KeyError, ValueError) as err:
+            raise ValueError(f"state_dict pulse: {err}") from None
+        skipped = emo.get("skipped_steps", 0)
+        if isinstance(skipped, bool) or not isinstance(skipped, int) or skipped < 0:
+            raise ValueError(f"state_dict 'skipped_steps' must be an int >= 0, got {skipped!r}")
+        return states, pulse, skipped, self._check_recorded(emo)
+
+    def _check_param_state(self, p: Tensor, saved: dict[str, Any], where: str, saved_compensation: Any) -> dict:
+        """One parameter's saved states, checked and rebuilt through the storage policy."""
+        specs = self._state_specs(p)
+        present = [n for n in saved if n != "residual"]
+        expected = list(specs) + (["shadow"] if self.use_shadow else [])
+        if saved and sorted(present) != sorted(expected):
+            raise ValueError(f"state_dict: {where} has states {sorted(present)}, {type(self).__name__} "
+                             f"(use_shadow={self.use_shadow}) keeps {sorted(expected)} for it")
+        rebuilt: dict[str, Any] = {}
+        for name, value in saved.items():
+            if name == "shadow":
+                problem = check_saved_state(value, tuple(p.shape), True, plain_only=True)
+                if problem:
+                    raise ValueError(f"state_dict: shadow of {where} {problem}")
+                rebuilt[name] = value.detach().to(device=p.device, dtype=p.dtype, copy=True)
+            elif name == "residual":  # compensation buffer: param dtype, or int8 ulp units
+                if not isinstance(value, Tensor) or tuple(value.shape) != tuple(p.shape):
+                    raise ValueError(f"state_dict: residual of {where} is not a tensor of the parameter's shape")
+                want = torch.int8 if self.compensation == "error_feedback8" else p.dtype
+                # kept when it means the same thing here; else dropped (less than one ulp of the weight)
+                if (compensate.needs_compensation(p) and self.compensation == saved_compensation
+                        and value.dtype == want and bool(torch.isfinite(value.float()).all())):
+                    rebuilt[name] = value.detach().to(device=p.device, copy=True)
+            else:
+                problem = check_saved_state(value, specs[name].shape, specs[name].signed)
+                if problem:
+                    raise ValueError(f"state_dict: state {name!r} of {where} {problem}")
+                rebuilt[name] = self._storage.import_(value, signed=specs[name].signed, device=p.device)
+        return rebuilt
+
+    @staticmethod
+    def _check_recorded(emo: dict[str, Any]) -> tuple[Tensor | None, int]:
+        if "recorded_count" not in emo:  # format 1: a list of floats, added up as record_loss would
+            values = emo.get("recorded", [])
+            if not isinstance(values, list) or not all(_is_number(v) for v in values):
+                raise ValueError("state_dict 'recorded' must be a list of numbers")
+            total = None
+            for v in values:
+                t = torch.tensor(float(v), dtype=torch.float64)
+                total = t if total is None else total + t
+            return total, len(values)
+        total, count = emo.get("recorded_sum"), emo["recorded_count"]
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"state_dict 'recorded_count' must be an int >= 0, got {count!r}")
+        if count == 0 and total is None:
+            return None, 0
+        if not (isinstance(total, Tensor) and total.numel() == 1 and total.is_floating_point()) or count == 0:
+            raise ValueError("state_dict 'recorded_sum' must be a one-element float tensor when 'recorded_count' > 0")
+        return total.detach().reshape(()).clone(), count
+
+    # ------------------------------------------------------------------ copies
+    def __deepcopy__(self, memo: dict[int, Any]) -> EmoOptimizer:
+        """A deep copy (torchao's low-bit states have no ``aten.clone``: they are rebuilt from their parts)."""
+        for st in self.state.values():
+            for value in st.values():
+                if is_lowbit(value) and id(value) not in memo:
+                    memo[id(value)] = clone_lowbit(value, memo)
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = None if key == "_kernels" else copy.deepcopy(value, memo)  # compiled lazily again
+        return new

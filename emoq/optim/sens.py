@@ -28,6 +28,8 @@ class EmoSens(EmoOptimizer):
     pulse, it is not a learning rate.
     """
 
+    eps_in_denominator = True
+
     def _state_specs(self, p: Tensor) -> dict[str, StateSpec]:
         return {"m": StateSpec(p.shape, signed=True), "v": StateSpec(p.shape, signed=False)}
 
