@@ -1,3 +1,4 @@
+import copy
 import os
 
 import pytest
@@ -48,3 +49,28 @@ def train(net, opt, batch, steps, start=0):
         opt.step(loss=loss)
         losses.append(loss.item())
     return losses
+
+
+def _as_bytes(t):
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8)
+
+
+def same_tree(a, b):
+    """Deep equality of nested dicts/lists/tensors/scalars, bit for bit (NaN equals NaN)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and type(a) is type(b)
+                and a.dtype == b.dtype and a.shape == b.shape and torch.equal(_as_bytes(a), _as_bytes(b)))
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_tree(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(same_tree(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float) and a != a and b != b:
+        return True
+    return type(a) is type(b) and a == b
+
+
+def snapshot(opt):
+    """Everything an optimizer step or load may change: its state dict, its parameters and their grads."""
+    params = [p for g in opt.param_groups for p in g["params"]]
+    return {"sd": copy.deepcopy(opt.state_dict()), "params": [p.detach().clone() for p in params],
+            "counters": (opt.skipped_steps, opt.pulse, opt.last_loss, len(opt.param_groups))}
