@@ -9,6 +9,12 @@ import sys
 def _finetune(args: argparse.Namespace) -> int:
     from emoq.recipes.config import RecipeError, load_recipe
 
+    if args.no_progress:  # the libraries' own bars too (model loading, dataset preparation)
+        import datasets
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
     try:
         recipe = load_recipe(args.recipe, args.set)
         from emoq.recipes.run import finetune

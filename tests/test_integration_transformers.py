@@ -1,5 +1,6 @@
 """EmoCallback in the Hugging Face Trainer: tiny Llama, NF4 base + LoRA, gradient accumulation."""
 
+import json
 import math
 
 import pytest
@@ -208,3 +209,23 @@ def test_already_packed_model_is_refused(tiny_dir):
 def test_stop_after_validation():
     with pytest.raises(ValueError):
         EmoCallback(stop_after=0)
+
+
+def test_resume_keeps_the_stop_streak(tiny_dir, tmp_path, monkeypatch):
+    # Old behaviour: stop_after=5 with a checkpoint at update 3 stopped the uninterrupted run at 5
+    # and the resumed one at 8 (the streak restarted from 0). It is saved with the checkpoint now.
+    monkeypatch.setattr(emoq.EmoSens, "stop_thresholds", (math.inf, math.inf))
+
+    def trainer():
+        return make_trainer(tiny_dir, tmp_path, callbacks=[EmoCallback(stop_after=5)], max_steps=10,
+                            save_strategy="steps", save_steps=3,
+                            optimizer=lambda m: emoq.EmoSens([p for p in m.parameters() if p.requires_grad]))
+
+    full = trainer()
+    full.train()
+    assert full.state.global_step == 5
+    saved = json.loads((tmp_path / "out" / "checkpoint-3" / "trainer_state.json").read_text())
+    assert saved["stateful_callbacks"]["EmoCallback"]["attributes"]["stop_streak"] == 3
+    resumed = trainer()
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-3"))
+    assert resumed.state.global_step == 5

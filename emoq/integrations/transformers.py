@@ -35,7 +35,9 @@ from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import ExportableState
 
+from emoq.integrations import scope_problem
 from emoq.optim.base import EmoOptimizer
 
 __all__ = ["EmoCallback", "disable_bnb_cpu_inference_packing", "unwrap_emo_optimizer"]
@@ -91,8 +93,12 @@ def _find_trainer() -> Trainer | None:
     return None
 
 
-class EmoCallback(TrainerCallback):
+class EmoCallback(TrainerCallback, ExportableState):
     """Connect an emoq optimizer to the Hugging Face Trainer (see the module docstring).
+
+    Its state (the stop-signal streak) is saved with every Trainer checkpoint (transformers'
+    ``ExportableState``, in ``trainer_state.json``) and restored on resume, so a resumed run
+    stops at the same update as an uninterrupted one.
 
     Args:
         stop_after: stop training (``control.should_training_stop``) once the optimizer's stop
@@ -126,8 +132,19 @@ class EmoCallback(TrainerCallback):
         self._check_scope()
         disable_bnb_cpu_inference_packing(kwargs.get("model") or trainer.model)
         self._install(trainer)
-        self.stop_streak = 0
+        self.stop_streak = self._saved_streak(state) if state.global_step > 0 else 0  # resumed, or a new run
         self._window = []
+
+    def state(self) -> dict[str, Any]:
+        """What a Trainer checkpoint keeps of this callback (``ExportableState``)."""
+        return {"args": {"stop_after": self.stop_after}, "attributes": {"stop_streak": self.stop_streak}}
+
+    def _saved_streak(self, state: TrainerState) -> int:
+        saved = (state.stateful_callbacks or {}).get(type(self).__name__)
+        if isinstance(saved, list):  # several EmoCallbacks: transformers keeps a list (one makes sense)
+            saved = saved[0] if saved else None
+        streak = (saved or {}).get("attributes", {}).get("stop_streak", 0)
+        return streak if isinstance(streak, int) and not isinstance(streak, bool) and streak >= 0 else 0
 
     def _check_schedule(self, args: TrainingArguments) -> None:
         kind = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
@@ -140,16 +157,9 @@ class EmoCallback(TrainerCallback):
             )
 
     def _check_scope(self) -> None:
-        # lr is the pulse scope, not a learning rate: a learning-rate-sized value (e.g. the Trainer's
-        # 5e-5 copied into the optimizer kwargs) pins eta = clamp(hist * scope * 1e-4, 1e-6, 3e-3) to
-        # its 1e-6 floor unless hist grows 100-fold, and training crawls without any error.
-        scope = self.optimizer.emo_pulse.initial_scope
-        if scope < 1e-2:
-            raise ValueError(
-                f"{type(self.optimizer).__name__}(lr={scope:g}): lr is the emoPulse scope (default 1.0), not a "
-                "learning rate; this value pins the step size to its 1e-6 floor. Drop lr from the optimizer "
-                "kwargs (TrainingArguments.learning_rate has no effect on emoq optimizers)"
-            )
+        problem = scope_problem(type(self.optimizer).__name__, self.optimizer.emo_pulse.initial_scope)
+        if problem:
+            raise ValueError(problem)
 
     def _install(self, trainer: Trainer) -> None:
         if self._originals:  # a second train() on the same trainer

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -33,12 +35,13 @@ class Recipe:
     lora_dropout: float = 0.0
     lora_target: str = "all-linear"
     # data
-    data: str = BUILTIN_DATA  # builtin:pydoc-qa, or a `datasets` name / local path
+    data: str = BUILTIN_DATA  # builtin:pydoc-qa, a local file or folder (docs/finetune.md), or a `datasets` name
     data_config: str | None = None
     data_split: str = "train"
     prompt_field: str = "question"  # for `datasets` sources with prompt/response columns
     response_field: str = "answer"
-    text_field: str | None = None  # or one plain-text column (no prompt masking)
+    text_field: str | None = None  # or one plain-text column (no prompt masking; packed into seq_len blocks)
+    text_sample_by: str = "line"  # plain-text files: one example per line | paragraph (blank-line separated) | document
     eval_size: int = 48  # held-out examples (taken before any training example)
     max_train_samples: int | None = None
     seq_len: int = 128
@@ -65,15 +68,21 @@ class Recipe:
                 raise RecipeError(f"recipe key '{key}' must be >= 1, got {getattr(self, key)!r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise RecipeError(f"recipe key 'lora_dropout' must be in [0, 1), got {self.lora_dropout!r}")
-        if self.weight_decay < 0:
-            raise RecipeError(f"recipe key 'weight_decay' must be >= 0, got {self.weight_decay!r}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise RecipeError(f"recipe key 'weight_decay' must be a finite number >= 0, got {self.weight_decay!r}")
         if self.compute_dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise RecipeError(f"recipe key 'compute_dtype' must be auto, float32, bfloat16 or float16, "
                               f"got {self.compute_dtype!r}")
+        if self.text_sample_by not in ("line", "paragraph", "document"):
+            raise RecipeError(f"recipe key 'text_sample_by' must be line, paragraph or document, "
+                              f"got {self.text_sample_by!r}")
         if self.max_train_samples is not None and self.max_train_samples < 1:
             raise RecipeError(f"recipe key 'max_train_samples' must be >= 1, got {self.max_train_samples!r}")
         if self.stop_after is not None and self.stop_after < 1:
             raise RecipeError(f"recipe key 'stop_after' must be >= 1 or null, got {self.stop_after!r}")
+        for key in ("model", "data", "output_dir", "cache_dir", "lora_target", "data_split"):
+            if not getattr(self, key).strip():
+                raise RecipeError(f"recipe key '{key}' cannot be empty")
         import emoq
 
         cls = getattr(emoq, self.optimizer, None)
@@ -82,10 +91,18 @@ class Recipe:
                                                                                       "EmoPulseScheduler"))
             raise RecipeError(f"recipe key 'optimizer': {self.optimizer!r} is not an emoq optimizer "
                               f"(known: {', '.join(known)})")
+        bad_keys = [str(k) for k in self.optimizer_kwargs if not isinstance(k, str)]
+        if bad_keys:
+            raise RecipeError(f"recipe key 'optimizer_kwargs': keys must be names, got {bad_keys}")
         try:
-            cls([_probe_param()], **self.optimizer_kwargs)
+            probe = cls([_probe_param()], **self.optimizer_kwargs)
         except (TypeError, ValueError, NotImplementedError) as err:
             raise RecipeError(f"recipe key 'optimizer_kwargs': {err}") from None
+        from emoq.integrations import scope_problem
+
+        problem = scope_problem(self.optimizer, probe.emo_pulse.initial_scope)
+        if problem:
+            raise RecipeError(f"recipe key 'optimizer_kwargs': {problem}")
         return self
 
     @property
@@ -130,6 +147,44 @@ def _coerce(key: str, value: Any, annotation: str) -> Any:
     raise RecipeError(f"recipe key '{key}' must be {base}, got {value!r}")
 
 
+def _yaml_loader():
+    """PyYAML's safe loader that also reads ``5e-5`` and ``1e3`` as numbers (YAML 1.2), not strings.
+
+    PyYAML implements YAML 1.1, whose floats need a dot (``5.0e-5``): ``lr: 5e-5`` would be the
+    string ``"5e-5"``. Users mean a number; YAML 1.2's float pattern is added to the resolver.
+    """
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    pattern = re.compile(r"^[-+]?(?:(?:[0-9][0-9_]*)\.[0-9_]*|\.[0-9_]+|[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?$"
+                         r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$")
+    Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    for first in "-+0123456789.":
+        resolvers = [(tag, regexp) for tag, regexp in Loader.yaml_implicit_resolvers.get(first, [])
+                     if tag != "tag:yaml.org,2002:float"]
+        Loader.yaml_implicit_resolvers[first] = resolvers
+    Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FloatOnly(pattern), list("-+0123456789."))
+    return Loader
+
+
+class _FloatOnly:
+    """A float pattern that leaves integers to the int resolver (``1`` stays ``int``)."""
+
+    def __init__(self, pattern: re.Pattern) -> None:
+        self.pattern = pattern
+
+    def match(self, text: str) -> bool:
+        return bool(self.pattern.match(text)) and not re.fullmatch(r"[-+]?[0-9][0-9_]*", text)
+
+
+def _yaml_load(text: str) -> Any:
+    import yaml
+
+    return yaml.load(text, Loader=_yaml_loader())  # noqa: S506 (a SafeLoader subclass)
+
+
 def _parse_override(item: str) -> tuple[str, Any]:
     import yaml
 
@@ -137,7 +192,7 @@ def _parse_override(item: str) -> tuple[str, Any]:
         raise RecipeError(f"--set expects key=value, got {item!r}")
     key, raw = item.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = _yaml_load(raw) if raw != "" else ""
     except yaml.YAMLError as err:
         raise RecipeError(f"recipe key '{key}': cannot parse {raw!r} ({err.__class__.__name__})") from None
     return key.strip(), value
@@ -153,7 +208,13 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         if not path.is_file():
             raise RecipeError(f"recipe file {str(path)!r} does not exist")
         try:
-            raw = yaml.safe_load(path.read_text()) or {}
+            text = path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise RecipeError(f"recipe file {str(path)!r} is not UTF-8 text (byte {err.start})") from None
+        except OSError as err:
+            raise RecipeError(f"recipe file {str(path)!r} cannot be read: {err.strerror or err}") from None
+        try:
+            raw = _yaml_load(text) or {}
         except yaml.YAMLError as err:
             raise RecipeError(f"recipe file {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
         if not isinstance(raw, dict):
@@ -168,4 +229,3 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
             raise RecipeError(f"recipe key '{key}' is unknown (known: {', '.join(sorted(known))})")
         values[key] = _coerce(key, value, str(known[key].type))
     return Recipe(**values).validate()
-

@@ -7,7 +7,6 @@ import math
 import resource
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -60,30 +59,39 @@ def plot(history: list[dict[str, Any]], path: Path, title: str, evals: list[tupl
 def finetune(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     """Run the recipe; write adapter + metrics.json + loss_pulse.png into ``output_dir``.
 
-    Everything is written into a temporary sibling folder and moved into place at the end, so
-    a failed or interrupted run leaves no half-written output directory.
+    Order: the output directory is checked and its partial sibling created, the data loaded
+    and tokenized, and only then the model loaded, so every error that can be found early is a
+    one-line ``RecipeError`` before the slow part. Everything is written into the partial
+    folder and moved into place at the end: a failed or interrupted run leaves nothing
+    half-written, and emoq never removes what it did not write (:mod:`emoq.recipes.output`).
     """
     from transformers import Trainer, TrainingArguments, set_seed
 
     from emoq.integrations.transformers import EmoCallback
     from emoq.recipes.data import load_examples, split, tokenize
-    from emoq.recipes.model import compute_dtype, load_qlora
+    from emoq.recipes.model import compute_dtype, load_qlora, load_tokenizer, model_label, resolve_model_dir
+    from emoq.recipes.output import OutputDir, check_output_dir
 
-    out = Path(recipe.output_dir).expanduser()
-    if out.exists() and not recipe.overwrite:
-        raise RecipeError(f"recipe key 'output_dir': {str(out)!r} exists (set overwrite=true to replace it)")
-    start = time.perf_counter()
-    set_seed(recipe.seed)
-    rows = load_examples(recipe)
-    model, tokenizer = load_qlora(recipe)
-    train_rows, held_rows = split(rows, recipe)
-    train_ds = tokenize(train_rows, tokenizer, recipe.seq_len)
-    eval_ds = tokenize(held_rows, tokenizer, recipe.seq_len)
-    load_seconds = time.perf_counter() - start
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    out = check_output_dir(recipe.output_dir, recipe.overwrite)
+    output = OutputDir(out, recipe.overwrite)
     try:
+        work = output.work
+        start = time.perf_counter()
+        set_seed(recipe.seed)
+        rows = load_examples(recipe)
+        path = resolve_model_dir(recipe)
+        tokenizer = load_tokenizer(path, recipe)
+        train_rows, held_rows = split(rows, recipe)
+        train_ds = tokenize(train_rows, tokenizer, recipe.seq_len)
+        eval_ds = tokenize(held_rows, tokenizer, recipe.seq_len)
+        for what, ds, n in (("held-out", eval_ds, len(held_rows)), ("training", train_ds, len(train_rows))):
+            if len(ds) == 0:
+                raise RecipeError(f"recipe key 'seq_len': no {what} example is left after tokenising its {n} rows "
+                                  f"(each prompt alone fills seq_len={recipe.seq_len} tokens); raise seq_len")
+        model = load_qlora(recipe, path)
+        label = model_label(recipe, model)
+        load_seconds = time.perf_counter() - start
+
         dtype = compute_dtype(recipe)
         args = TrainingArguments(
             output_dir=str(work / "trainer"), per_device_train_batch_size=recipe.batch_size,
@@ -111,6 +119,7 @@ def finetune(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
         train_logs = [h for h in history if "loss" in h and "emo_pulse" in h]
         metrics = {
             "recipe": recipe.to_dict(),
+            "model": label,
             "optimizer": type(opt).__name__,
             "device": "cuda" if torch.cuda.is_available() else "cpu",
             "compute_dtype": str(dtype).replace("torch.", ""),
@@ -130,13 +139,10 @@ def finetune(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
         }
         (work / "metrics.json").write_text(json.dumps(metrics, indent=1))
         plot(history, work / "loss_pulse.png",
-             f"{type(opt).__name__} on {Path(recipe.model).name}: held-out ppl "
-             f"{before['perplexity']:.2f} → {after['perplexity']:.2f}",
+             f"{type(opt).__name__} on {label}: held-out ppl {before['perplexity']:.2f} → {after['perplexity']:.2f}",
              [(0, before["loss"]), (trainer.state.global_step, after["loss"])])
         shutil.rmtree(work / "trainer", ignore_errors=True)
-        if out.exists():
-            shutil.rmtree(out)
-        work.rename(out)
+        output.publish()
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        output.discard()
     return metrics
