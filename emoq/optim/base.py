@@ -487,7 +487,8 @@ class EmoOptimizer(Optimizer):
             raise ValueError("emoq state_dict: 'param_groups' must be a list and 'state' a dict")
         family = emo.get("family")
         if family is not None and family != self.family():
-            raise ValueError(f"state_dict of an {family} optimizer cannot be loaded into {name} ({self.family()})")
+            ours = name if name == self.family() else f"{name} (an {self.family()})"
+            raise ValueError(f"state_dict of an {family} optimizer cannot be loaded into {ours}")
         shadow = emo.get("use_shadow")
         if shadow is not None and bool(shadow) != self.use_shadow:
             raise ValueError(f"state_dict saved with use_shadow={bool(shadow)}, this {name} has "
