@@ -177,6 +177,12 @@ def test_a_step_that_raises_changes_nothing():
     assert_unchanged(opt, before)
     opt.step()
     assert opt.last_loss == 0.5
+    ps[0].data = torch.randn(16, 32)  # resized after its states were made: found before any update
+    ps[0].grad = torch.randn(16, 32)
+    before = snapshot(opt)
+    with pytest.raises(RuntimeError, match="shape changed"):
+        opt.step(loss=1.0)
+    assert_unchanged(opt, before)
 
 
 # ---------------------------------------------------------------- item 4: load_state_dict validates
@@ -355,6 +361,17 @@ def test_compiled_step_is_refused_and_poisons_nothing(cls, precision, eager_kern
         assert_unchanged(opt, before)
         opt.step(loss=0.5)  # eager steps after a refused compile are those of a never-compiled run
         q.grad = grads[i].clone()
+        ref.step(loss=0.5)
+        assert torch.equal(p, q) and same_tree(opt.state_dict(), ref.state_dict())
+    # fullgraph=True on a frame dynamo has already seen: refused, or (a dynamo cache corner) the
+    # eager step itself; never a differently computed one
+    p.grad, q.grad = grads[0].clone(), grads[0].clone()
+    before = snapshot(opt)
+    try:
+        torch.compile(opt.step, fullgraph=True)(loss=0.5)
+    except Exception:
+        assert_unchanged(opt, before)
+    else:
         ref.step(loss=0.5)
         assert torch.equal(p, q) and same_tree(opt.state_dict(), ref.state_dict())
 

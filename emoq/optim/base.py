@@ -183,6 +183,7 @@ class EmoOptimizer(Optimizer):
         self.state_precision = state_precision
         self._pulse = EmoPulse(scope=float(lr), noise_floor=self.noise_floor,
                                stop_thresholds=self.stop_thresholds)
+        self._state_shapes: dict[Tensor, torch.Size] = {}  # each parameter's shape when its states were made
         self._recorded_sum: Tensor | None = None  # running sum of the recorded micro-batch losses
         self._recorded_count = 0
         self.skipped_steps = 0
@@ -335,20 +336,29 @@ class EmoOptimizer(Optimizer):
                 if grad.shape != p.shape:
                     raise RuntimeError(f"{name}: a gradient of shape {tuple(grad.shape)} for a parameter of shape "
                                        f"{tuple(p.shape)}")
+                made = self._state_shapes.get(p)
+                if made is not None and made != p.shape and self.state.get(p):
+                    raise RuntimeError(f"{name}: a parameter's shape changed from {tuple(made)} to {tuple(p.shape)} "
+                                       "after its optimizer states were made (p.data replaced?)")
                 work.append((group, p))
         return work
 
-    @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None, *, loss: float | Tensor | None = None) -> Any:
         """One update. The loss comes from ``closure``, ``loss=`` or the recorded micro-batch losses.
 
         All or nothing: everything that can fail is checked before anything changes. A
         non-finite loss, or a gradient that is non-finite or beyond :func:`grad_limit`, skips
         the whole step (parameters, states and pulse untouched), warns once and increments
-        ``skipped_steps``. Refuses to run under ``torch.compile``.
+        ``skipped_steps``. Refuses to run under ``torch.compile`` (and where dynamo does not
+        let the refusal through, runs eagerly: never a differently computed step).
         """
         if torch.compiler.is_compiling():
             _refuse_compile(type(self).__name__)
+        return self._step(closure, loss)
+
+    @torch.compiler.disable(reason="an emoq step runs eagerly (its low-bit kernels are compiled on their own)")
+    @torch.no_grad()
+    def _step(self, closure: Callable[[], Any] | None, loss: Any) -> Any:
         result, loss_value = self._take_loss(closure, loss)
         work = self._prepare_step()
         grads_ok = _grads_in_range([p.grad for _, p in work])
@@ -373,6 +383,7 @@ class EmoOptimizer(Optimizer):
         return result
 
     def _init_state(self, p: Tensor, state: dict[str, Any]) -> None:
+        self._state_shapes[p] = p.shape
         for name, spec in self._state_specs(p).items():
             state[name] = self._storage.zeros(spec.shape, signed=spec.signed, device=p.device)
         if self.use_shadow:
@@ -464,8 +475,10 @@ class EmoOptimizer(Optimizer):
         # torch's loader would cast floating states to the parameter's dtype: give it the groups
         # only, and put the states rebuilt through the storage policy (any saved precision) in place.
         super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
+        self._state_shapes = {}
         for p, st in states.items():
             self.state[p] = st
+            self._state_shapes[p] = p.shape
         self._pulse.load_state_dict(pulse)
         self.skipped_steps = skipped
         self._recorded_sum, self._recorded_count = recorded
@@ -582,6 +595,13 @@ class EmoOptimizer(Optimizer):
         return total.detach().reshape(()).clone(), count
 
     # ------------------------------------------------------------------ copies
+    def __getstate__(self) -> dict[str, Any]:
+        # torch keeps only defaults/state/param_groups, which leaves a pickled emoq optimizer
+        # without its pulse, storage and counters: keep everything but the compiled kernels
+        state = self.__dict__.copy()
+        state["_kernels"] = None
+        return state
+
     def __deepcopy__(self, memo: dict[int, Any]) -> EmoOptimizer:
         """A deep copy (torchao's low-bit states have no ``aten.clone``: they are rebuilt from their parts)."""
         for st in self.state.values():
