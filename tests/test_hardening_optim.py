@@ -394,10 +394,19 @@ def test_compiled_training_function_with_step_inside_is_refused():
 
 # ---------------------------------------------------------------- item 9: the small ones
 @pytest.mark.parametrize("precision", ["8bit", "4bit", "fp8", "bf16"])
-def test_deepcopy_of_a_lowbit_optimizer(precision, eager_kernels):
-    # Old behaviour: NotImplementedError from torchao (aten.clone) for the low-bit states.
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_deepcopy_and_pickle_of_an_optimizer(precision, how, eager_kernels):
+    # Old behaviour: deepcopy raised NotImplementedError from torchao (aten.clone) for low-bit
+    # states; a pickled optimizer (torch.save(opt)) lost its pulse and storage (torch keeps only
+    # defaults/state/param_groups) and failed at its next step.
     opt = trained(emoq.EmoSens, [(64, 128), (5,)], state_precision=precision, use_shadow=True)
-    twin = copy.deepcopy(opt)
+    if how == "deepcopy":
+        twin = copy.deepcopy(opt)
+    else:
+        buf = io.BytesIO()
+        torch.save(opt, buf)
+        buf.seek(0)
+        twin = torch.load(buf, weights_only=False)
     assert same_tree(opt.state_dict(), twin.state_dict())
     p, q = opt.param_groups[0]["params"][0], twin.param_groups[0]["params"][0]
     assert p is not q
