@@ -10,7 +10,7 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import emoq
@@ -25,6 +25,7 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(0, 5), (3, 0, 2), (1,), (5,), (7, 13), (2, 3, 4), (2, 3, 2, 2), (16, 16), (2, 128), (4, 8, 8),
           (8, 4, 4, 2), (64, 64)]
 FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ_LOADS = settings(FUZZ, max_examples=40)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -169,12 +170,19 @@ def _states(sd):
     return [(pid, name) for pid, st_ in sd["state"].items() for name in st_]
 
 
+def _droppable(sd):
+    """States whose removal is a corruption: dropping a param's only state leaves {}, which is a
+    legitimate "not started yet" (a param whose state was only looked at)."""
+    return [(pid, n) for pid, n in _states(sd) if n != "residual"
+            and len([m for m in sd["state"][pid] if m != "residual"]) > 1]
+
+
 def _tensor_of(value):
     return value["scale"] if isinstance(value, dict) else value
 
 
 CORRUPTIONS = {
-    "drop_state": lambda sd, d: (lambda s: sd["state"][s[0]].pop(s[1]))(d.draw(st.sampled_from(_states(sd)))),
+    "drop_state": lambda sd, d: (lambda s: sd["state"][s[0]].pop(s[1]))(d.draw(st.sampled_from(_droppable(sd)))),
     "extra_state": lambda sd, d: sd["state"][d.draw(st.sampled_from(sorted(sd["state"])))].__setitem__(
         "bogus", torch.zeros(1)),
     "wrong_shape": lambda sd, d: (lambda s: sd["state"][s[0]].__setitem__(s[1], torch.zeros(3, 1, 7)))(
@@ -199,11 +207,11 @@ CORRUPTIONS = {
 }
 
 
-@FUZZ
+@FUZZ_LOADS
 @given(data=st.data())
 def test_fuzz_state_dict_corruptions_are_refused_and_change_nothing(data):
     family, cls, params, kw, gen = data.draw(optimizers())
-    kw["compensation"] = "error_feedback"
+    kw["compensation"] = "error_feedback"  # deterministic, so the resumed step can be compared bit for bit
     params = [p for p in params if p.numel()] or [torch.nn.Parameter(torch.randn(7, 13))]
     saved = cls(params, **kw)
     for _ in range(2):
@@ -211,27 +219,26 @@ def test_fuzz_state_dict_corruptions_are_refused_and_change_nothing(data):
             p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
         saved.step(loss=1.0)
     sd = saved.state_dict()
-    name = data.draw(st.sampled_from(sorted(CORRUPTIONS)))
-    if name in ("drop_state", "wrong_shape", "nan_in_state"):
-        candidates = [s for s in _states(sd) if s[1] != "residual"]
-        assume(candidates if name != "nan_in_state" else [
-            s for s in candidates if _tensor_of(sd["state"][s[0]][s[1]]).numel()])
-    if name == "extra_state":
-        assume(sd["state"])
-    bad = copy.deepcopy(sd)
-    CORRUPTIONS[name](bad, data)
-    event(f"corruption {name}")
     targets = [torch.nn.Parameter(torch.randn(p.shape, generator=gen).to(p.dtype)) for p in params]
     target = cls(targets, **kw)
     for p in targets:
         p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
     target.step(loss=2.0)
     before = snapshot(target)
-    with pytest.raises((ValueError, KeyError)):
-        target.load_state_dict(bad)
-    after = snapshot(target)
-    assert same_tree(before["sd"], after["sd"]) and before["counters"] == after["counters"]
-    assert all(torch.equal(a, b) for a, b in zip(before["params"], after["params"]))
+    for name in sorted(CORRUPTIONS):  # every corruption that applies to this state dict
+        if name == "drop_state" and not _droppable(sd) or name in ("wrong_shape", "extra_state") and not _states(sd):
+            continue
+        if name == "nan_in_state" and not [s for s in _states(sd) if s[1] != "residual"
+                                           and _tensor_of(sd["state"][s[0]][s[1]]).numel()]:
+            continue
+        bad = copy.deepcopy(sd)
+        CORRUPTIONS[name](bad, data)
+        event(f"corruption {name}")
+        with pytest.raises((ValueError, KeyError)):
+            target.load_state_dict(bad)
+        after = snapshot(target)
+        assert same_tree(before["sd"], after["sd"]) and before["counters"] == after["counters"], name
+        assert all(torch.equal(a, b) for a, b in zip(before["params"], after["params"])), name
     # the uncorrupted state dict loads, and the next step is the saved optimizer's, bit for bit
     for t, p in zip(targets, params):
         t.data.copy_(p.data)
@@ -239,8 +246,6 @@ def test_fuzz_state_dict_corruptions_are_refused_and_change_nothing(data):
     for t, p in zip(targets, params):
         p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
         t.grad = p.grad.clone()
-    if kw["compensation"] == "stochastic":
-        return
     saved.step(loss=0.5)
     target.step(loss=0.5)
     assert all(torch.equal(t, p) for t, p in zip(targets, params))

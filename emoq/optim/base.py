@@ -191,7 +191,7 @@ class EmoOptimizer(Optimizer):
         super().__init__(params, defaults)
 
     @classmethod
-    def family(cls) -> str:
+    def _family_name(cls) -> str:
         """The Emo family this optimizer belongs to (``"EmoSens"`` for ``EmoSens8bit`` or a subclass)."""
         return next((c.__name__ for c in cls.__mro__ if c.__name__ in FAMILIES and c.__module__.startswith("emoq.")),
                     cls.__name__)
@@ -210,7 +210,8 @@ class EmoOptimizer(Optimizer):
             raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
         if cls.eps_in_denominator and not eps >= torch.finfo(torch.float32).tiny:
             # eps = 0 (or one that is 0 in fp32) makes 0/0 = NaN wherever a gradient entry is 0
-            raise ValueError(f"eps must be >= 1.2e-38 for {cls.family()} (it divides by (... + eps)), got {eps!r}")
+            raise ValueError(f"eps must be >= 1.2e-38 for {cls._family_name()} (it divides by (... + eps)), "
+                             f"got {eps!r}")
         if not (_is_number(weight_decay) and math.isfinite(weight_decay) and weight_decay >= 0.0):
             raise ValueError(f"weight_decay must be a finite float >= 0, got {weight_decay!r}")
 
@@ -452,7 +453,7 @@ class EmoOptimizer(Optimizer):
         }
         sd["emo"] = {
             "format": 2,
-            "family": self.family(),
+            "family": self._family_name(),
             "use_shadow": self.use_shadow,
             "pulse": self._pulse.state_dict(),
             "skipped_steps": self.skipped_steps,
@@ -499,8 +500,8 @@ class EmoOptimizer(Optimizer):
         if not isinstance(saved_groups, list) or not isinstance(saved_state, dict):
             raise ValueError("emoq state_dict: 'param_groups' must be a list and 'state' a dict")
         family = emo.get("family")
-        if family is not None and family != self.family():
-            ours = name if name == self.family() else f"{name} (an {self.family()})"
+        if family is not None and family != self._family_name():
+            ours = name if name == self._family_name() else f"{name} (an {self._family_name()})"
             raise ValueError(f"state_dict of an {family} optimizer cannot be loaded into {ours}")
         shadow = emo.get("use_shadow")
         if shadow is not None and bool(shadow) != self.use_shadow:
