@@ -85,7 +85,7 @@ def dangerous(cwd):
     (cwd / "theirs").mkdir()
     (cwd / "theirs" / "notes.txt").write_text("mine")
     (cwd / "link").symlink_to(cwd / "theirs")
-    return {".": ".", "home": "~", "root": "/", "parent": "..", "ancestor": str(cwd.parent.parent),
+    return {".": ".", "home": "~/", "root": "/", "parent": "..", "ancestor": str(cwd.parent.parent),
             "file": "afile.txt", "foreign_dir": "theirs", "symlink": "link"}
 
 
