@@ -48,12 +48,21 @@ def ulp(q: Tensor) -> Tensor:
 
 
 def stochastic_round(x: Tensor, dtype: torch.dtype, generator: torch.Generator | None = None) -> Tensor:
-    """Unbiased rounding of fp32 ``x`` to ``dtype``: E[result] = x (within the dtype's range)."""
+    """Unbiased rounding of fp32 ``x`` to ``dtype``: E[result] = x (within the dtype's range).
+
+    The neighbour on the other side of ``x`` is found on the 16-bit pattern (one up or down in
+    magnitude; the smallest subnormal of the error's sign next to 0), so compiled code, which
+    computes bf16/fp16 ops in fp32, finds the same one.
+    """
     nearest = x.to(dtype)
-    err = x - nearest.float()
-    toward = torch.where(err > 0, torch.full_like(nearest, float("inf")), torch.full_like(nearest, float("-inf")))
-    other = torch.nextafter(nearest, toward)
-    gap = (other.float() - nearest.float()).abs()
+    near = nearest.float()
+    err = x - near
+    bits = nearest.view(torch.int16)
+    away = (err > 0) == (near > 0)  # moving away from zero: one more in magnitude
+    other_bits = torch.where(away, bits + 1, bits - 1)
+    tiny = torch.where(err > 0, torch.ones_like(bits), torch.full_like(bits, -32767))  # +-smallest subnormal
+    other = torch.where(near == 0, tiny, other_bits).to(torch.int16).view(dtype)
+    gap = (other.float() - near).abs()
     prob = torch.where(gap > 0, err.abs() / gap, torch.zeros_like(gap))
     rand = torch.rand(x.shape, generator=generator, device=x.device)
     return torch.where(rand < prob, other, nearest)
@@ -63,23 +72,33 @@ def needs_compensation(p: Tensor) -> bool:
     return p.dtype in LOW_PRECISION
 
 
-def working_copy(p: Tensor, state: dict[str, Any], mode: str) -> Tensor:
-    """The fp32 value the rule updates: ``p`` itself (fp32), ``p + residual`` (error feedback)."""
+def needs_residual(p: Tensor, mode: str) -> bool:
+    """Whether ``mode`` keeps a residual buffer for ``p`` (error feedback on a bf16/fp16 parameter)."""
+    return p.dtype in LOW_PRECISION and mode in ("error_feedback", "error_feedback8")
+
+
+def new_residual(p: Tensor, mode: str) -> Tensor:
+    """A zero residual for ``p`` (int8 ulp units for ``error_feedback8``, else the param dtype)."""
+    return torch.zeros_like(p, dtype=torch.int8 if mode == "error_feedback8" else p.dtype,
+                            memory_format=torch.contiguous_format)
+
+
+def working_value(p: Tensor, residual: Tensor | None, mode: str) -> Tensor:
+    """The fp32 value the rule updates: ``p`` itself (fp32), ``p + residual`` (error feedback),
+    else ``p`` in fp32. Written with out-of-place ops so that compiled steps can inline it."""
     if p.dtype == torch.float32:
         return p
     x = p.float()
-    if p.dtype in LOW_PRECISION and mode in ("error_feedback", "error_feedback8"):
-        residual = state.get("residual")
-        if residual is not None:
-            if mode == "error_feedback8":
-                x.add_(residual.float().mul_(ulp(p)).div_(254.0))
-            else:
-                x.add_(residual.float())
+    if residual is not None and p.dtype in LOW_PRECISION:
+        if mode == "error_feedback8":
+            x = x + (residual.float() * ulp(p)) / 254.0
+        elif mode == "error_feedback":
+            x = x + residual.float()
     return x
 
 
-def write_back(p: Tensor, x: Tensor, state: dict[str, Any], mode: str) -> None:
-    """Write the updated fp32 value ``x`` into ``p`` according to ``mode``.
+def store_value(p: Tensor, x: Tensor, residual: Tensor | None, mode: str) -> None:
+    """Write the updated fp32 value ``x`` into ``p`` according to ``mode`` (and the residual).
 
     Saturating: a value beyond the largest finite value of ``p``'s dtype is written as that
     value (rounding it would give inf), in every mode.
@@ -88,7 +107,7 @@ def write_back(p: Tensor, x: Tensor, state: dict[str, Any], mode: str) -> None:
         return
     if p.dtype in LOW_PRECISION:
         top = torch.finfo(p.dtype).max
-        x = x.clamp_(-top, top)
+        x = x.clamp(-top, top)
     if p.dtype not in LOW_PRECISION or mode == "none":
         p.copy_(x)
         return
@@ -96,15 +115,13 @@ def write_back(p: Tensor, x: Tensor, state: dict[str, Any], mode: str) -> None:
         p.copy_(stochastic_round(x, p.dtype))
         return
     p.copy_(x)  # round to nearest
-    residual = x - p.float()
+    r = x - p.float()
+    if residual is None:
+        return
     if mode == "error_feedback8":
-        code = residual.div_(ulp(p)).mul_(254.0).round_().clamp_(-127, 127).to(torch.int8)
+        residual.copy_(((r / ulp(p)) * 254.0).round().clamp(-127, 127).to(torch.int8))
     else:
-        code = residual.to(p.dtype)
-    if "residual" in state:
-        state["residual"].copy_(code)
-    else:
-        state["residual"] = code
+        residual.copy_(r.to(p.dtype))
 
 
 def compensation_bytes_per_param(mode: str, dtype: torch.dtype) -> float:

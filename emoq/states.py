@@ -26,7 +26,7 @@ Low-bit specifics (docs/precision.md):
 
 Quantization itself is torchao's (``torchao.optim.quant_utils`` and ``subclass_fp8``); this
 module only chooses the maps and moves bytes. The functions on plain parts (``dequantize_parts``,
-``quantize_parts_``) are what the fused kernels in :mod:`emoq.fused` compile.
+``quantize_parts_``) are what the step functions in :mod:`emoq.kernels` compile.
 """
 
 from __future__ import annotations
@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from emoq.arith import sqrt
 
 PRECISIONS = ("fp32", "bf16", "8bit", "4bit", "fp8")
 LOWBIT = ("8bit", "4bit", "fp8")
@@ -78,16 +80,18 @@ def qmap(precision: str, signed: bool) -> tuple[float, ...]:
 
 
 # ---------------------------------------------------------------------- fast encoding
-def encode_tables(values: tuple[float, ...], device: torch.device | str = "cpu") -> tuple[Tensor, Tensor] | None:
-    """Lookup tables that round to the nearest code of a map in two loads instead of a binary search.
+def encode_table(values: tuple[float, ...], device: torch.device | str = "cpu") -> Tensor | None:
+    """One lookup table that rounds to the nearest code of a map in one load instead of a binary search.
 
-    The input (scaled to [-1, 1]) is bucketed by its top 16 bits (its bfloat16 pattern). For
-    each bucket, ``T`` is the code of its smallest value and ``M`` the one rounding threshold
-    inside it (``inf`` if none); the code is ``T[b] + (x >= M[b])``. Thresholds are torchao's
-    (``down + (up - down) * 0.5``), so the codes are those of ``quantize_8bit_with_qmap`` /
-    ``quantize_4bit_with_qmap`` except within one fp32 rounding of a threshold (3 of 16.7 M
-    measured). Returns ``None`` if some bucket in [-1, 1] holds two thresholds (not the case for
-    torchao's maps; checked), in which case the caller uses torchao's search.
+    The input (scaled to [-1, 1]) is bucketed by its top 16 bits (its bfloat16 pattern). Each
+    bucket holds at most one rounding threshold of the map (checked here; ``None`` otherwise, and
+    the caller uses torchao's search). The int32 entry of a bucket packs the code of its smallest
+    value (bits 0-7), the low 16 bits of its threshold (bits 8-23; its top 16 bits are the
+    bucket's) and whether it has one (bit 24). The code is that code plus one when ``x`` is at or
+    above the threshold, decided on the low 16 bits (reversed for negative ``x``), which is
+    exactly ``x >= threshold``. Thresholds are torchao's (``down + (up - down) * 0.5``), so the
+    codes are those of ``quantize_8bit_with_qmap`` / ``quantize_4bit_with_qmap`` except within
+    one fp32 rounding of a threshold (3 of 16.7 M measured).
     """
     q = torch.tensor(values, dtype=torch.float32)
     down, up = q[:-1], q[1:]
@@ -99,14 +103,19 @@ def encode_tables(values: tuple[float, ...], device: torch.device | str = "cpu")
     inside = torch.searchsorted(mids, vmax, right=True) - first
     if not bool(((vmin.abs() > 1.0) | torch.isnan(vmin) | (inside <= 1)).all()):
         return None
-    thresholds = torch.where(inside >= 1, mids[first.clamp(max=len(mids) - 1)], torch.full_like(vmin, float("inf")))
-    return first.to(torch.uint8).to(device), thresholds.to(device)
+    has = inside >= 1
+    threshold = mids[first.clamp(max=len(mids) - 1)].view(torch.int32)
+    table = first.to(torch.int32) | ((threshold & 0xFFFF) << 8) | (has.to(torch.int32) << 24)
+    return table.to(device)
 
 
-def encode(x: Tensor, first: Tensor, thresholds: Tensor) -> Tensor:
-    """Nearest codes (uint8) of ``x`` (fp32, scaled to [-1, 1]) with :func:`encode_tables`."""
-    bucket = (x.view(torch.int32) >> 16) & 0xFFFF
-    return (first[bucket].to(torch.int32) + (x >= thresholds[bucket]).to(torch.int32)).to(torch.uint8)
+def encode(x: Tensor, table: Tensor) -> Tensor:
+    """Nearest codes (uint8) of ``x`` (fp32, scaled to [-1, 1]) with :func:`encode_table`."""
+    bits = x.view(torch.int32)
+    entry = table[(bits >> 16) & 0xFFFF]
+    low, threshold = bits & 0xFFFF, (entry >> 8) & 0xFFFF
+    up = torch.where(bits < 0, low <= threshold, low >= threshold) & (entry >= (1 << 24))
+    return ((entry & 0xFF) + up.to(torch.int32)).to(torch.uint8)
 
 
 # ---------------------------------------------------------------------- plain-part kernels
@@ -132,24 +141,24 @@ def dequantize_parts(precision: str, signed: bool, codes: Tensor, scale: Tensor,
 
 
 def quantize_parts_(precision: str, signed: bool, codes: Tensor, scale: Tensor, qmap_t: Tensor | None,
-                    x: Tensor, tables: tuple[Tensor, Tensor] | None = None) -> None:
+                    x: Tensor, table: Tensor | None = None) -> None:
     """Quantize the fp32 values ``x`` into ``codes``/``scale`` in place (unsigned: stores sqrt).
 
-    ``tables`` (from :func:`encode_tables`) replaces torchao's binary search by two lookups.
+    ``table`` (from :func:`encode_table`) replaces torchao's binary search by one lookup.
     Saturating: an inf is stored as the largest fp32 value, so a block scale is always finite
     and every code dequantizes to a finite value (squared, for unsigned states).
     """
     from torchao.optim.quant_utils import quantize_4bit_with_qmap, quantize_8bit_with_qmap, scale_tensor
 
     x = x.reshape(-1)
-    x = x.clamp(0.0, FP32_MAX).sqrt() if not signed else x.clamp(-FP32_MAX, FP32_MAX)
+    x = sqrt(x.clamp(0.0, FP32_MAX)) if not signed else x.clamp(-FP32_MAX, FP32_MAX)
     block = x.numel() // scale.numel()
     if precision == "8bit":
         scaled, s = scale_tensor(x, block)
-        codes.view(-1).copy_(quantize_8bit_with_qmap(scaled, qmap_t) if tables is None else encode(scaled, *tables))
+        codes.view(-1).copy_(quantize_8bit_with_qmap(scaled, qmap_t) if table is None else encode(scaled, table))
     elif precision == "4bit":
         scaled, s = scale_tensor(x, block)
-        q = quantize_4bit_with_qmap(scaled, qmap_t) if tables is None else encode(scaled, *tables)
+        q = quantize_4bit_with_qmap(scaled, qmap_t) if table is None else encode(scaled, table)
         codes.copy_((q[::2] << 4) | q[1::2])
     else:
         from torchao.optim.subclass_fp8 import quantize_fp8
@@ -208,7 +217,7 @@ class StateStorage:
         self.min_lowbit_size = min_lowbit_size
         self.dtype = torch.bfloat16 if precision == "bf16" else torch.float32
         self._qmap_tensors: dict[tuple[bool, torch.device], Tensor] = {}
-        self._tables: dict[tuple[bool, torch.device], tuple[Tensor, Tensor] | None] = {}
+        self._tables: dict[tuple[bool, torch.device], Tensor | None] = {}
 
     # -------------------------------------------------------------- allocation
     def uses_lowbit(self, numel: int) -> bool:
@@ -225,23 +234,57 @@ class StateStorage:
                                                    device=device)
         return self._qmap_tensors[key]
 
-    def tables(self, signed: bool, device: torch.device) -> tuple[Tensor, Tensor] | None:
-        """Fast-encoding tables of this precision's map (shared by all states; 320 KB each)."""
+    def table(self, signed: bool, device: torch.device) -> Tensor | None:
+        """Fast-encoding table of this precision's map (shared by all states; 256 KB)."""
         key = (signed, torch.device(device))
         if key not in self._tables:
-            self._tables[key] = (encode_tables(qmap(self.precision, signed), device)
+            self._tables[key] = (encode_table(qmap(self.precision, signed), device)
                                  if self.precision in ("8bit", "4bit") else None)
         return self._tables[key]
 
     def kernel_args(self, state: Tensor) -> list[Tensor]:
-        """The plain tensors a fused kernel needs for ``state`` (see :mod:`emoq.fused`)."""
+        """The plain tensors a step function needs for ``state`` (see :mod:`emoq.kernels`)."""
         if not is_lowbit(state):
-            return [state.view(-1)]
+            return [state]
         codes, scale, q = parts(state)
         if q is None:
             return [codes.view(-1), scale]
-        tables = self.tables(state.signed, codes.device)
-        return [codes.view(-1), scale, q] + ([] if tables is None else list(tables))
+        table = self.table(state.signed, codes.device)
+        return [codes.view(-1), scale, q] + ([] if table is None else [table])
+
+    def stack(self, states: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """One buffer holding the values of ``states`` (same shape and precision) stacked along a
+        new leading dim: returns its kernel parts and, per input, a state that is a view of it
+        (same type and values), to be stored in place of the input."""
+        first = states[0]
+        if not is_lowbit(first):
+            stacked = torch.stack(states)
+            return [stacked], list(stacked.unbind(0))
+        prec = precision_of(first)
+        codes = torch.stack([parts(st)[0] for st in states])
+        scale = torch.stack([parts(st)[1] for st in states])
+        views: list[Tensor] = []
+        for k, st in enumerate(states):
+            if prec == "8bit":
+                from torchao.optim.subclass_8bit import OptimState8bit
+
+                views.append(OptimState8bit(codes[k], scale[k], st.qmap, st.signed))
+            elif prec == "4bit":
+                from torchao.optim.subclass_4bit import OptimState4bit
+
+                views.append(OptimState4bit(codes[k], scale[k], st.qmap, st.signed, tuple(st.shape)))
+            else:
+                from torchao.optim.subclass_fp8 import OptimStateFp8
+
+                view = OptimStateFp8(codes[k], scale[k])
+                view.signed = st.signed
+                views.append(view)
+        q = getattr(first, "qmap", None)
+        kparts = [codes.view(-1), scale.view(-1)]
+        if q is not None:
+            table = self.table(first.signed, codes.device)
+            kparts += [q] + ([] if table is None else [table])
+        return kparts, views
 
     def zeros(self, shape: torch.Size | tuple[int, ...], *, signed: bool, device: torch.device) -> Tensor:
         """A new zero state. ``signed=False`` marks a state that is never negative."""
@@ -285,7 +328,7 @@ class StateStorage:
         """Write the updated working tensor back into ``state``."""
         if is_lowbit(state):
             quantize_parts_(precision_of(state), state.signed, *parts(state), work,
-                            self.tables(state.signed, work.device))
+                            self.table(state.signed, work.device))
         elif work is not state:
             state.copy_(work)
 

@@ -24,6 +24,15 @@ class ConvMLP(torch.nn.Module):
         return self.fc2(torch.relu(self.fc1(x)))
 
 
+@pytest.fixture(autouse=True)
+def compile_only_where_marked(request, monkeypatch):
+    """Tests run emoq's eager reference path (EMOQ_COMPILE=0: the same rule functions, no compile
+    time) unless marked ``compiled``; tests/test_core_rules.py and tests/test_kernels.py run the
+    default compiled path and compare it with the reference."""
+    if request.node.get_closest_marker("compiled") is None:
+        monkeypatch.setenv("EMOQ_COMPILE", "0")
+
+
 @pytest.fixture
 def batch():
     g = torch.Generator().manual_seed(0)

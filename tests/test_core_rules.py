@@ -21,6 +21,7 @@ def run_pair(family, batch, steps, naive=False, **kw):
     x, y = batch
     net, ref_net = make_net(), make_net()
     opt = FAMILIES[family](net.parameters(), **kw)
+    kw.pop("fused", None)
     ref = RefEmo(family, ref_net.parameters(), naive=naive, **kw)
     worst_p = worst_eta = 0.0
     for _ in range(steps):
@@ -39,12 +40,24 @@ def run_pair(family, batch, steps, naive=False, **kw):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_300_steps_match_reference(family, batch):
-    # Done-when of the core issue: 1e-4 relative parameter error, 1e-6 relative pulse error.
+def test_300_steps_reference_path_is_exact(family, batch):
+    # fused=False runs each rule eagerly, op for op as tests/reference.py: bit-identical.
+    worst_p, worst_eta, final_loss = run_pair(family, batch, 300, fused=False)
+    assert worst_p == 0.0, worst_p
+    assert worst_eta == 0.0, worst_eta
+    assert final_loss < 2.0  # it trains: log(10) = 2.30 at start
+
+
+@pytest.mark.compiled
+@pytest.mark.parametrize("family", FAMILIES)
+def test_300_steps_default_path_matches_reference(family, batch):
+    # The default (compiled) path: within the core issue's bound, 1e-4 relative parameter error and
+    # 1e-6 relative pulse error. Measured: 0.0 for all four families on x86-64 AVX2 (see
+    # docs/precision.md; EmoTion's column sums are added in another order when compiled).
     worst_p, worst_eta, final_loss = run_pair(family, batch, 300)
     assert worst_p < 1e-4, worst_p
     assert worst_eta < 1e-6, worst_eta
-    assert final_loss < 2.0  # it trains: log(10) = 2.30 at start
+    assert final_loss < 2.0
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -1,7 +1,7 @@
 """Every family x state precision: step, resume, portability, small-tensor fallback, aliases.
 
-The fused kernels run uncompiled here (EMOQ_COMPILE=0: same formulas, no compile time);
-tests/test_lowbit_fused.py covers the compiled path.
+The steps run eagerly here (EMOQ_COMPILE=0, set by tests/conftest.py: same functions, no
+compile time); tests/test_kernels.py covers the compiled path.
 """
 
 import io
@@ -15,11 +15,6 @@ from tests.conftest import make_net, train
 
 FAMILIES = [emoq.EmoSens, emoq.EmoAiry, emoq.EmoCats, emoq.EmoTion]
 PRECISIONS = ["bf16", "8bit", "4bit", "fp8"]
-
-
-@pytest.fixture(autouse=True)
-def no_compile(monkeypatch):
-    monkeypatch.setenv("EMOQ_COMPILE", "0")
 
 
 def params_of(net):

@@ -170,17 +170,17 @@ def test_fast_encoding_gives_torchaos_codes(precision, signed):
     # within one fp32 rounding of a rounding threshold (a handful in a million).
     from torchao.optim.quant_utils import quantize_4bit_with_qmap, quantize_8bit_with_qmap, scale_tensor
 
-    from emoq.states import encode, encode_tables
+    from emoq.states import encode, encode_table
 
     values = qmap(precision, signed)
-    tables = encode_tables(values)
-    assert tables is not None
+    table = encode_table(values)
+    assert table is not None
     x = wide_range(1 << 20, signed, seed=3)
     x = x if signed else x.sqrt()
     scaled, _ = scale_tensor(x, BLOCK_SIZE[precision])
     q = torch.tensor(values)
     ref = (quantize_8bit_with_qmap if precision == "8bit" else quantize_4bit_with_qmap)(scaled, q)
-    got = encode(scaled, *tables)
+    got = encode(scaled, table)
     differ = ref != got
     assert int(differ.sum()) <= 10
     if differ.any():  # and where they differ, both codes are as near as each other (a tie)

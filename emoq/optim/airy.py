@@ -2,34 +2,52 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-from emoq.optim.base import EmoOptimizer, StateSpec, is_factored
+from emoq.arith import Hyper, axpy, col_sum, param_dims, sqrt
+from emoq.kernels import Extent
+from emoq.optim.base import EmoOptimizer, StateSpec, factored_shape, is_factored
 
 
-def emoairy_update(p: Tensor, g: Tensor, row: Tensor | None, col: Tensor | None, *, lr: float,
-                   beta1: float, eps: float, weight_decay: float) -> None:
-    """One EmoAiry step in place (SPEC.md order).
+def emoairy_stats(g: Tensor, extent: Extent) -> tuple[Tensor, ...]:
+    """The sums over rows the rule needs, partial over the rows held here: ``(sum g^2, sum_0 g^2)``
+    (factored) or ``(sum g^2, sum |g|)``. The first is the engine's overflow check."""
+    dims = param_dims(g, extent.shape)
+    if factored_shape(extent.shape):
+        col = col_sum(g * g, dims[0])
+        return col.sum(dim=dims, keepdim=True), col
+    return (g * g).sum(dim=dims, keepdim=True), g.abs().sum(dim=dims, keepdim=True)
 
-    Factored (``row``/``col`` given): ``r = mean_{dims>=1}(g^2) + eps``, ``c = mean_0(g^2) + eps``,
+
+def emoairy_rule(p: Tensor, g: Tensor, states: tuple[Tensor, ...], stats: tuple[Tensor, ...], h: Hyper,
+                 extent: Extent) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """One EmoAiry step, out of place (SPEC.md order).
+
+    Factored (``states = (R, C)``): ``r = mean_{dims>=1}(g^2) + eps``, ``c = mean_0(g^2) + eps``,
     ``R <- b1*R + (1-b1)*sqrt(r)``, ``C <- b1*C + (1-b1)*sqrt(c)``, ``u = g / (sqrt(R*C) + eps)``.
     Otherwise ``u = g / (mean|g| + eps)``. Then ``p <- p - wd*lr*p``; ``p <- p - lr*sign(u)``.
+    Means over rows come from :func:`emoairy_stats` (summed over all rows) divided by the row count.
 
     Every denominator is positive, so ``sign(u) == sign(g)``: the direction is the sign of the
     gradient and R, C never change it (as in v3.8). They are kept because the spec keeps them.
     """
-    if row is not None and col is not None:
-        g2 = g * g
-        r = g2.mean(dim=tuple(range(1, g.dim())), keepdim=True).add_(eps)
-        c = g2.mean(dim=0, keepdim=True).add_(eps)
-        row.mul_(beta1).add_(r.sqrt_(), alpha=1 - beta1)
-        col.mul_(beta1).add_(c.sqrt_(), alpha=1 - beta1)
-        u = g / (row * col).sqrt_().add_(eps)
+    dims = param_dims(g, extent.shape)
+    if states:
+        row, col = states
+        r = (g * g).mean(dim=dims[1:], keepdim=True) + h.eps
+        c = stats[1] / extent.shape[0] + h.eps
+        row = axpy(row * h.beta1, sqrt(r), h.one_minus_beta1)
+        col = axpy(col * h.beta1, sqrt(c), h.one_minus_beta1)
+        u = g / (sqrt(row * col) + h.eps)
+        states = (row, col)
     else:
-        u = g / (g.abs().mean() + eps)
-    p.add_(p, alpha=-weight_decay * lr)
-    p.add_(torch.sign(u), alpha=-lr)
+        u = g / (stats[1] / math.prod(extent.shape) + h.eps)
+    p = axpy(p, p, h.neg_lr_wd)
+    p = axpy(p, torch.sign(u), h.neg_lr)
+    return p, states
 
 
 class EmoAiry(EmoOptimizer):
@@ -41,6 +59,8 @@ class EmoAiry(EmoOptimizer):
     """
 
     noise_floor = 1e-8
+    rule = staticmethod(emoairy_rule)
+    stats = staticmethod(emoairy_stats)
 
     eps_in_denominator = True
 
@@ -50,7 +70,3 @@ class EmoAiry(EmoOptimizer):
         row_shape = (p.shape[0],) + (1,) * (p.dim() - 1)
         col_shape = (1,) + tuple(p.shape[1:])
         return {"row": StateSpec(row_shape, signed=False), "col": StateSpec(col_shape, signed=False)}
-
-    def _rule(self, p: Tensor, g: Tensor, states: dict[str, Tensor], group: dict, lr: float) -> None:
-        emoairy_update(p, g, states.get("row"), states.get("col"), lr=lr, beta1=group["betas"][0],
-                       eps=group["eps"], weight_decay=group["weight_decay"])

@@ -2,7 +2,8 @@
 
 It owns loss intake, emoPulse, the NaN/inf guard, the distributed loss mean, the parameter
 loop, state allocation through the storage policy (``emoq.states``) and ``state_dict``.
-A family adds only which states it keeps (``_state_specs``) and its rule (``_rule``).
+A family adds only which states it keeps (``_state_specs``) and its rule (``rule``: one
+out-of-place function, run compiled or eagerly by ``emoq.kernels``).
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from emoq import compensate
+from emoq.arith import Hyper
 from emoq.distributed import reduce_loss
-from emoq.fused import FUSED_FAMILIES, FusedKernels, step_scalars
+from emoq.kernels import SMALL, Extent, ParamSig, Runner, StateLayout
 from emoq.pulse import EmoPulse, check_pulse_state
-from emoq.states import DEFAULT_MIN_LOWBIT_SIZE, StateStorage, check_saved_state, clone_lowbit, is_lowbit
+from emoq.states import DEFAULT_MIN_LOWBIT_SIZE, StateStorage, check_saved_state, clone_lowbit, is_lowbit, precision_of
 
 NO_LOSS_MESSAGE = (
     "{name}.step() got no loss: emoPulse computes the step size from the loss, and emoq never "
@@ -53,17 +55,23 @@ FP32_MAX = float(torch.finfo(torch.float32).max)
 GROUP_KEYS = ("params", "param_names", "lr", "betas", "eps", "weight_decay", "initial_lr")
 
 
+def factored_shape(shape: tuple[int, ...] | torch.Size) -> bool:
+    """SPEC.md: ``len(shape) >= 2`` and ``(shape[0] + shape[1]) / numel < 0.05`` (never for zero-size)."""
+    return len(shape) >= 2 and math.prod(shape) > 0 and (shape[0] + shape[1]) / math.prod(shape) < 0.05
+
+
 def is_factored(p: Tensor) -> bool:
-    """SPEC.md: ``p.dim() >= 2`` and ``(shape[0] + shape[1]) / numel < 0.05`` (never for zero-size ``p``)."""
-    return p.dim() >= 2 and p.numel() > 0 and (p.shape[0] + p.shape[1]) / p.numel() < 0.05
+    """Whether the rules factor ``p``'s statistics (:func:`factored_shape` of its shape)."""
+    return factored_shape(p.shape)
 
 
 def grad_limit(numel: int) -> float:
-    """The largest gradient magnitude a step accepts for a tensor of ``numel`` elements.
+    """A gradient magnitude a step always accepts for a tensor of ``numel`` elements.
 
-    ``sqrt(FP32_MAX / (4 * numel))``: below it, ``g**2`` and any sum of ``g**2`` over the tensor
-    (EmoSens' ``v``, EmoAiry's row/column means) stay finite in fp32 with a 4x margin for the
-    moving averages. Larger gradients count like non-finite ones (the step is skipped).
+    ``sqrt(FP32_MAX / (4 * numel))``: a gradient whose every entry is within it has a sum of
+    squares within ``SQUARES_LIMIT`` (the rule :func:`grads_in_range` applies), so ``g**2`` and
+    any sum of ``g**2`` over the tensor (EmoSens' ``v``, EmoAiry's row/column means) stay finite
+    in fp32 with a 4x margin for the moving averages.
     """
     return math.sqrt(FP32_MAX / 4.0 / max(int(numel), 1))
 
@@ -92,20 +100,6 @@ def as_loss_float(loss: Any, what: str) -> float:
     raise TypeError(f"{what} must be a float or a 0-dim tensor, got {type(loss).__name__}")
 
 
-def _grads_in_range(tensors: list[Tensor]) -> bool:
-    """Whether every gradient is finite and within :func:`grad_limit`, with one device sync.
-
-    ``aminmax`` propagates NaN, shows +inf in the max and -inf in the min, and reads each
-    tensor once without allocating (20x faster on CPU than ``isfinite(t).all()``, which builds
-    full-size masks); the limit costs one comparison per tensor.
-    """
-    ends = [torch.stack(torch.aminmax(t.detach())).float() for t in tensors if t.numel() > 0]
-    if not ends:
-        return True
-    limits = torch.tensor([grad_limit(t.numel()) for t in tensors if t.numel() > 0], device=ends[0].device)
-    return bool((torch.stack(ends).abs() <= limits[:, None]).all())  # NaN compares False
-
-
 @torch.compiler.disable(reason="emoq optimizers refuse torch.compile of step()")
 def _refuse_compile(name: str) -> None:
     # Reached only from code dynamo traced (torch.compiler.is_compiling() was True): dynamo cannot
@@ -115,6 +109,44 @@ def _refuse_compile(name: str) -> None:
         "low-bit states run their own compiled kernels (already compiled per parameter). Call opt.step() "
         "outside the compiled function; compile the model's forward/backward only."
     )
+
+
+SQUARES_LIMIT = float(torch.finfo(torch.float32).max) / 4
+
+
+def grads_in_range(norms: list[Tensor], squares: list[Tensor]) -> bool:
+    """Whether every gradient is finite with a sum of squares at most ``SQUARES_LIMIT`` (fp32
+    max / 4), with one device sync.
+
+    ``norms`` are gradients' 2-norms, ``squares`` sums of ``g**2`` (from a rule's statistics).
+    A NaN or inf anywhere in a gradient makes its norm NaN or inf; below the limit, ``g**2`` and
+    every sum of it over the tensor (EmoSens' ``v``, EmoAiry's row and column means) stay finite
+    with a 4x margin.
+    """
+    checks = []
+    if norms:
+        checks.append(torch.stack(norms).float() <= math.sqrt(SQUARES_LIMIT))  # NaN compares False
+    if squares:
+        checks.append(torch.cat([s.reshape(-1) for s in squares]).float() <= SQUARES_LIMIT)
+    return not checks or bool(torch.cat(checks).all())
+
+
+def grad_norms(grads: list[Tensor]) -> list[Tensor]:
+    """The 2-norm of each gradient, in one call (torch's multi-tensor norm: one pass per tensor,
+    no Python per tensor)."""
+    return list(torch._foreach_norm(grads, 2, dtype=torch.float32)) if grads else []
+
+
+class Unit:
+    """Parameters stepped by one call: one parameter, or a stack of same-shape small ones."""
+
+    __slots__ = ("params", "stacked", "extent", "grads", "g", "stats")
+
+    def __init__(self, params: tuple[Tensor, ...], stacked: bool, extent: Extent) -> None:
+        self.params, self.stacked, self.extent = params, stacked, extent
+        self.grads: list[Tensor] = []
+        self.g: Tensor | None = None  # the gradient (stacked for a stack), set each step
+        self.stats: tuple[Tensor, ...] = ()
 
 
 class EmoOptimizer(Optimizer):
@@ -140,10 +172,13 @@ class EmoOptimizer(Optimizer):
             kept in the param dtype, 2 B/param for bf16; the default, chosen by measurement,
             docs/precision.md) or ``"error_feedback8"`` (residual in int8 ulp units, 1 B/param).
             No effect on fp32 parameters.
-        fused: run EmoSens/EmoCats as one compiled dequantize -> rule -> requantize function
-            per parameter. ``None`` (default): fused for low-bit states, eager reference-exact
-            rule otherwise. ``True``: fused everywhere (fp32 too; fast, not bit-identical to
-            the reference). ``False``: never. ``EMOQ_COMPILE=0`` runs fused kernels uncompiled.
+        fused: ``None``/``True`` (default): each step runs as compiled functions (load states
+            → rule → store states, one loop per parameter; small parameters ``CHUNK`` per
+            call); the first step of each new shape compiles (seconds). ``False``: the rule
+            runs eagerly, parameter by parameter, with Python-float scalars: the reference
+            path (what tests/reference.py is compared with). Both run the same rule function;
+            docs/precision.md says where they are bit-identical. ``EMOQ_COMPILE=0`` in the
+            environment has the effect of ``fused=False``.
     """
 
     stop_thresholds: tuple[float, float] = (1e-6, 1e-7)
@@ -173,11 +208,8 @@ class EmoOptimizer(Optimizer):
         if fused not in (None, True, False) or isinstance(fused, int) and not isinstance(fused, bool):
             raise ValueError(f"fused must be None, True or False, got {fused!r}")
         self.fused = fused
-        self._kernels: FusedKernels | None = None
-        # the fused kernel replaces the family's rule: only where that rule is not overridden
-        family = next((c for c in type(self).__mro__ if c.__name__ in FUSED_FAMILIES
-                       and c.__module__.startswith("emoq.optim.")), None)
-        self._family = family.__name__ if family is not None and type(self)._rule is family._rule else None
+        self._runner = Runner(compile=None if fused is not False else False)
+        self._reset_caches()
         defaults = dict(lr=float(lr), betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         self.use_shadow = use_shadow
         self.state_precision = state_precision
@@ -313,26 +345,27 @@ class EmoOptimizer(Optimizer):
         raise RuntimeError(NO_LOSS_MESSAGE.format(name=name))
 
     # ------------------------------------------------------------------ step
-    def _prepare_step(self) -> list[tuple[dict, Tensor]]:
-        """The (group, parameter) pairs to update, after checking everything that can fail.
+    def _params_with_grad(self) -> list[tuple[dict, list[Tensor]]]:
+        """Per param group, its parameters to update, after checking everything that can fail.
 
         Runs before any parameter, state or the pulse changes, so a step that raises has changed
         nothing. Parameters without a gradient and zero-size parameters are skipped.
         """
         name = type(self).__name__
-        work = []
+        out = []
         for i, group in enumerate(self.param_groups):
             try:  # groups can be edited after construction
                 self._check_hparams(group["betas"], group["eps"], group["weight_decay"])
             except ValueError as err:
                 raise ValueError(f"{name} param group {i}: {err}") from None
+            params = []
             for p in group["params"]:
                 grad = p.grad
                 if grad is None or p.numel() == 0:
                     continue
                 if grad.is_sparse:
                     raise RuntimeError(f"{name} does not support sparse gradients")
-                if torch.is_complex(grad):
+                if grad.is_complex():
                     raise RuntimeError(f"{name} does not support complex gradients")
                 if grad.shape != p.shape:
                     raise RuntimeError(f"{name}: a gradient of shape {tuple(grad.shape)} for a parameter of shape "
@@ -341,17 +374,20 @@ class EmoOptimizer(Optimizer):
                 if made is not None and made != p.shape and self.state.get(p):
                     raise RuntimeError(f"{name}: a parameter's shape changed from {tuple(made)} to {tuple(p.shape)} "
                                        "after its optimizer states were made (p.data replaced?)")
-                work.append((group, p))
-        return work
+                params.append(p)
+            if params:
+                out.append((group, params))
+        return out
 
     def step(self, closure: Callable[[], Any] | None = None, *, loss: float | Tensor | None = None) -> Any:
         """One update. The loss comes from ``closure``, ``loss=`` or the recorded micro-batch losses.
 
         All or nothing: everything that can fail is checked before anything changes. A
-        non-finite loss, or a gradient that is non-finite or beyond :func:`grad_limit`, skips
-        the whole step (parameters, states and pulse untouched), warns once and increments
-        ``skipped_steps``. Refuses to run under ``torch.compile`` (and where dynamo does not
-        let the refusal through, runs eagerly: never a differently computed step).
+        non-finite loss, or a gradient that is non-finite or whose sum of squares exceeds fp32
+        max / 4 (:func:`grads_in_range`), skips the whole step (parameters, states and pulse
+        untouched), warns once and increments ``skipped_steps``. Refuses to run under
+        ``torch.compile`` (and where dynamo does not let the refusal through, runs eagerly: never a
+        differently computed step).
         """
         if torch.compiler.is_compiling():
             _refuse_compile(type(self).__name__)
@@ -361,9 +397,9 @@ class EmoOptimizer(Optimizer):
     @torch.no_grad()
     def _step(self, closure: Callable[[], Any] | None, loss: Any) -> Any:
         result, loss_value = self._take_loss(closure, loss)
-        work = self._prepare_step()
-        grads_ok = _grads_in_range([p.grad for _, p in work])
-        device = work[0][1].device if work else None
+        units = [(group, unit) for group, params in self._params_with_grad() for unit in self._units(group, params)]
+        grads_ok = self._gradient_stats([unit for _, unit in units])
+        device = units[0][1].params[0].device if units else None
         loss_value, finite = reduce_loss(loss_value, grads_ok, device)
         self.discard_recorded_losses()
         if not finite:
@@ -376,12 +412,139 @@ class EmoOptimizer(Optimizer):
             return result
         self._last_loss = loss_value
         lr = self._pulse.update(loss_value)
-        self._scalars = {}  # fused kernels' step scalars, one tensor per (group, device) this step
-        for group, p in work:
-            self._update_param(p, group, lr)
+        hypers: dict[tuple, tuple[Hyper, Tensor | None]] = {}  # per group and device
+        for group, unit in units:
+            key = (id(group), unit.params[0].device)
+            if key not in hypers:
+                h = Hyper.of(lr, group)
+                hypers[key] = (h, h.as_tensor(key[1]) if self._runner.compiling else None)
+            self._step_unit(group, unit, *hypers[key])
         for group in self.param_groups:
             group["lr"] = lr
         return result
+
+    # ------------------------------------------------------------------ units: a parameter, or a stack
+    def _units(self, group: dict, params: list[Tensor]) -> list[Unit]:
+        """``params`` as units of work: small parameters sharing shape, dtypes and extent are
+        stacked (when compiling), everything else runs alone. Cached per parameter list."""
+        key = (id(group), tuple(params), tuple(p.grad.dtype for p in params), tuple(p.dtype for p in params))
+        units = self._unit_cache.get(key)
+        if units is None:
+            stackable = self._runner.compiling and not self.use_shadow
+            by_kind: dict[tuple, list[Tensor]] = {}
+            for p in params:
+                extent = self._extent(p)
+                kind = (tuple(p.shape), p.dtype, p.grad.dtype, extent)
+                if not stackable or p.numel() >= SMALL or not p.is_contiguous():
+                    kind = kind + (id(p),)
+                by_kind.setdefault(kind, []).append(p)
+            units = [Unit(tuple(ps), len(ps) > 1, kind[3]) for kind, ps in by_kind.items()]
+            self._unit_cache[key] = units
+        for unit in units:
+            unit.grads.clear()
+            unit.grads.extend(p.grad for p in unit.params)
+        return units
+
+    def _gradient_stats(self, units: list[Unit]) -> bool:
+        """The rule's statistics of every unit's gradient (summed over shards) and whether every
+        gradient is in range. A unit the rule has statistics for is checked through the first one
+        (its sum of squares, from the same pass); the others by one multi-tensor norm."""
+        fn = type(self).stats
+        plain: list[Tensor] = []
+        squares: list[Tensor] = []
+        for unit in units:
+            g = torch.stack(unit.grads) if unit.stacked else unit.grads[0]
+            unit.g = g
+            if fn is not None and self._uses_stats(unit.params[0]):
+                value = self._runner.stats(fn, unit.extent, g)
+                unit.stats = (value[0],) + tuple(unit.extent.sum_shards(t) for t in value[1:])
+                squares.append(value[0].reshape(-1))
+            else:
+                unit.stats = ()
+                plain.append(g)
+        ok = grads_in_range(grad_norms(plain), squares)
+        if not ok and plain:  # a stack's joint norm may exceed the limit while each member is within it
+            ok = grads_in_range([], [torch.stack([n.square() for n in grad_norms(u.grads)]) for u in units
+                                     if not u.stats] + squares)
+        return ok
+
+    def _step_unit(self, group: dict, unit: Unit, h: Hyper, c: Tensor | None) -> None:
+        opts = self._rule_options(group)
+        if not unit.stacked:
+            p = unit.params[0]
+            sig, parts, residual = self._item(p)
+            before = None
+            if self.use_shadow:  # the shadow step runs eagerly on the working value, then the rule
+                shadow = self.state[p]["shadow"]
+                def before(x: Tensor) -> None:  # noqa: E306
+                    self._shadow_step(x, shadow)
+            self._runner.step(self.rule, opts, sig, p, unit.g, unit.stats, parts, residual, h, c, before)
+            return
+        sig, parts, residual = self._stack(unit)
+        values = torch.stack(unit.params)  # under no_grad: plain copies
+        self._runner.step(self.rule, opts, sig, values, unit.g, unit.stats, parts, residual, h, c)
+        torch._foreach_copy_(list(unit.params), list(values.unbind(0)))
+
+    def _stack(self, unit: Unit) -> tuple[ParamSig, list[list[Tensor]], Tensor | None]:
+        """The stacked states of ``unit`` (built on first use: each member's state becomes a view
+        of one stacked buffer); rebuilt if a member's states were replaced."""
+        cached = self._stacks.get(unit.params)
+        if cached is not None:  # dropped by load_state_dict and by restacking a member elsewhere
+            return cached
+        for p in unit.params:  # a member's states move to the new buffer: its old stack is stale
+            self._stacks.pop(self._stacked_in.get(p), None)
+            self._stacked_in[p] = unit.params
+        items = [self._item(p) for p in unit.params]  # allocates missing states
+        specs = self._state_specs(unit.params[0])
+        parts: list[list[Tensor]] = []
+        layouts = []
+        for name, layout in zip(specs, items[0][0].layouts):
+            kparts, members = self._storage.stack([self.state[p][name] for p in unit.params])
+            parts.append(kparts)
+            layouts.append(StateLayout(layout.precision, layout.signed, (len(unit.params),) + layout.shape))
+            for p, view in zip(unit.params, members):
+                self.state[p][name] = view
+        residual = None
+        if items[0][2] is not None:
+            residual = torch.stack([self.state[p]["residual"] for p in unit.params])
+            for p, view in zip(unit.params, residual.unbind(0)):
+                self.state[p]["residual"] = view
+        first = items[0][0]
+        shape = (len(unit.params),) + first.shape
+        sig = ParamSig(tuple(layouts), first.extent, first.p_dtype, first.g_dtype, first.compensation, shape)
+        for p in unit.params:
+            self._items.pop(p, None)  # the per-parameter parts now point at replaced states
+        self._stacks[unit.params] = (sig, parts, residual)
+        return sig, parts, residual
+
+    def _item(self, p: Tensor) -> tuple[ParamSig, list[list[Tensor]], Tensor | None]:
+        g = p.grad
+        cached = self._items.get(p)
+        if cached is None or cached[0].g_dtype != g.dtype or cached[0].p_dtype != p.dtype:
+            cached = self._items[p] = self._build_item(p, g)
+        return cached
+
+    def _build_item(self, p: Tensor, g: Tensor) -> tuple[ParamSig, list[list[Tensor]], Tensor | None]:
+        """The static signature and plain tensors of ``p``'s step (cached until states change)."""
+        state = self.state[p]
+        specs = self._state_specs(p)
+        if not state:
+            self._init_state(p, state)
+        missing = [n for n in specs if n not in state]
+        if missing:
+            raise KeyError(f"{type(self).__name__}: states {missing} missing for a parameter of shape "
+                           f"{tuple(p.shape)}")
+        layouts = tuple(StateLayout(precision_of(state[n]), bool(getattr(state[n], "signed", spec.signed)),
+                                    tuple(state[n].shape)) for n, spec in specs.items())
+        parts = [self._storage.kernel_args(state[n]) for n in specs]
+        residual = None
+        if compensate.needs_residual(p, self.compensation):
+            residual = state.get("residual")
+            if residual is None:
+                residual = state["residual"] = compensate.new_residual(p, self.compensation)
+        mode = self.compensation if compensate.needs_compensation(p) else "none"
+        sig = ParamSig(layouts, self._extent(p), p.dtype, g.dtype, mode, tuple(p.shape))
+        return sig, parts, residual
 
     def _init_state(self, p: Tensor, state: dict[str, Any]) -> None:
         self._state_shapes[p] = p.shape
@@ -391,36 +554,6 @@ class EmoOptimizer(Optimizer):
             state["shadow"] = p.detach().clone()
 
     _NOT_RULE_STATES = ("shadow", "residual")
-
-    def _use_fused(self, p: Tensor, states: list[Tensor]) -> bool:
-        if self._family is None or self.fused is False or not p.is_contiguous():
-            return False
-        return bool(self.fused) or any(is_lowbit(s) for s in states)
-
-    def _update_param(self, p: Tensor, group: dict, lr: float) -> None:
-        state = self.state[p]
-        if not state:
-            self._init_state(p, state)
-        names = [n for n in state if n not in self._NOT_RULE_STATES]
-        p_work = compensate.working_copy(p, state, self.compensation)
-        g = p.grad if p.grad.dtype == torch.float32 else p.grad.float()
-        if self.use_shadow:
-            self._shadow_step(p_work, state["shadow"])
-        states = [state[n] for n in self._state_specs(p) if n in state]  # the family's order: m, v
-        if self._use_fused(p_work, states):
-            if self._kernels is None:
-                self._kernels = FusedKernels()
-            key = (id(group), p.device)
-            if key not in self._scalars:
-                self._scalars[key] = step_scalars(lr, group, p.device)
-            self._kernels.run(self._family, p_work.view(-1), g.reshape(-1), states, self._scalars[key],
-                              self._storage)
-        else:
-            work = {n: self._storage.load(state[n]) for n in names}
-            self._rule(p_work, g, work, group, lr)
-            for n in names:
-                self._storage.store(state[n], work[n])
-        compensate.write_back(p, p_work, state, self.compensation)
 
     def _shadow_step(self, p: Tensor, shadow: Tensor) -> None:
         """SPEC.md "Optional shadow", applied before the moment update."""
@@ -432,11 +565,36 @@ class EmoOptimizer(Optimizer):
             shadow.add_((p.to(shadow.dtype) - shadow).mul_(0.1 * trust))
 
     # ------------------------------------------------------------------ family hooks
+    rule: Callable[..., tuple[Tensor, tuple[Tensor, ...]]]
+    """The family's update rule ``(p, g, states, stats, h, extent, **options) -> (p, states)``, out of place."""
+
+    stats: Callable[..., tuple[Tensor, ...]] | None = None
+    """Sums over a gradient's rows the rule needs, ``(g, extent) -> (sum g^2, ...)`` (partial
+    over the rows held here; the engine sums all but the first over shards), or ``None``."""
+
+    def _uses_stats(self, p: Tensor) -> bool:
+        """Whether ``p``'s step needs :attr:`stats` (by default: whenever the family has them)."""
+        return True
+
     def _state_specs(self, p: Tensor) -> dict[str, StateSpec]:
         raise NotImplementedError
 
-    def _rule(self, p: Tensor, g: Tensor, states: dict[str, Tensor], group: dict, lr: float) -> None:
-        raise NotImplementedError
+    def _rule_options(self, group: dict) -> dict:
+        """Static keyword arguments of ``rule`` for a param group (e.g. EmoSens' ``decay``)."""
+        return {}
+
+    def _extent(self, p: Tensor) -> Extent:
+        """The whole parameter ``p`` is part of: its own shape, no shards (FSDP overrides this)."""
+        return Extent(tuple(p.shape))
+
+    _CACHES = ("_items", "_unit_cache", "_stacks", "_stacked_in")
+
+    def _reset_caches(self) -> None:
+        """Forget the per-step plans (signatures, state views, stacks); they are rebuilt on demand."""
+        self._items: dict[Tensor, tuple[ParamSig, list[list[Tensor]], Tensor | None]] = {}
+        self._unit_cache: dict[tuple, list[Unit]] = {}
+        self._stacks: dict[tuple, tuple] = {}
+        self._stacked_in: dict[Tensor, tuple] = {}
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -480,6 +638,7 @@ class EmoOptimizer(Optimizer):
         for p, st in states.items():
             self.state[p] = st
             self._state_shapes[p] = p.shape
+        self._reset_caches()
         self._pulse.load_state_dict(pulse)
         self.skipped_steps = skipped
         self._recorded_sum, self._recorded_count = recorded
@@ -598,10 +757,14 @@ class EmoOptimizer(Optimizer):
     # ------------------------------------------------------------------ copies
     def __getstate__(self) -> dict[str, Any]:
         # torch keeps only defaults/state/param_groups, which leaves a pickled emoq optimizer
-        # without its pulse, storage and counters: keep everything but the compiled kernels
-        state = self.__dict__.copy()
-        state["_kernels"] = None
-        return state
+        # without its pulse, storage and counters: keep everything but the step caches (compiled
+        # functions, state views), rebuilt on demand
+        return {k: v for k, v in self.__dict__.items() if k not in ("_runner",) + self._CACHES}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._runner = Runner(compile=None if self.__dict__.get("fused") is not False else False)
+        self._reset_caches()
 
     def __deepcopy__(self, memo: dict[int, Any]) -> EmoOptimizer:
         """A deep copy (torchao's low-bit states have no ``aten.clone``: they are rebuilt from their parts)."""
@@ -611,6 +774,8 @@ class EmoOptimizer(Optimizer):
                     memo[id(value)] = clone_lowbit(value, memo)
         new = type(self).__new__(type(self))
         memo[id(self)] = new
-        for key, value in self.__dict__.items():
-            new.__dict__[key] = None if key == "_kernels" else copy.deepcopy(value, memo)  # compiled lazily again
+        for key, value in self.__getstate__().items():
+            new.__dict__[key] = copy.deepcopy(value, memo)
+        new._runner = Runner(self._runner.compile)  # compiled functions are shared process-wide anyway
+        new._reset_caches()
         return new

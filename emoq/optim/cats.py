@@ -2,23 +2,29 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
+from emoq.arith import Hyper, axpy
+from emoq.kernels import Extent
 from emoq.optim.base import EmoOptimizer, StateSpec
 
 
-def emocats_update(p: Tensor, g: Tensor, m: Tensor, *, lr: float, beta1: float, beta2: float,
-                   weight_decay: float) -> None:
-    """One EmoCats step in place (SPEC.md order).
+def emocats_rule(p: Tensor, g: Tensor, states: tuple[Tensor, ...], stats: tuple[Tensor, ...],
+                 h: Hyper,
+                 extent: Extent) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """One EmoCats step, out of place (SPEC.md order).
 
     ``p <- p*(1 - lr*wd)``; ``u = sign((1-b1)*g + b1*m)``; ``p <- p - lr*u``;
     ``m <- b2*m + (1-b2)*g``. The blend is ``g*(1-b1)`` rounded once, then ``+ b1*m`` in one
-    add-with-alpha: another order flips the sign of near-zero entries (SPEC.md, "Rounding").
+    rounding: another order flips the sign of near-zero entries (SPEC.md, "Rounding").
     """
-    p.mul_(1 - lr * weight_decay)
-    blend = g.mul(1 - beta1).add_(m, alpha=beta1)
-    p.add_(blend.sign_(), alpha=-lr)
-    m.mul_(beta2).add_(g, alpha=1 - beta2)
+    (m,) = states
+    p = p * h.one_minus_lr_wd
+    u = torch.sign(axpy(g * h.one_minus_beta1, m, h.beta1))
+    p = axpy(p, u, h.neg_lr)
+    m = axpy(m * h.beta2, g, h.one_minus_beta2)
+    return p, (m,)
 
 
 class EmoCats(EmoOptimizer):
@@ -28,11 +34,7 @@ class EmoCats(EmoOptimizer):
     """
 
     stop_thresholds = (5e-6, 5e-7)
+    rule = staticmethod(emocats_rule)
 
     def _state_specs(self, p: Tensor) -> dict[str, StateSpec]:
         return {"m": StateSpec(p.shape, signed=True)}
-
-    def _rule(self, p: Tensor, g: Tensor, states: dict[str, Tensor], group: dict, lr: float) -> None:
-        beta1, beta2 = group["betas"]
-        emocats_update(p, g, states["m"], lr=lr, beta1=beta1, beta2=beta2,
-                       weight_decay=group["weight_decay"])

@@ -4,21 +4,26 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from emoq.arith import Hyper, addcdiv, addcmul, axpy, sqrt
+from emoq.kernels import Extent
 from emoq.optim.base import EmoOptimizer, StateSpec
 
 
-def emosens_update(p: Tensor, g: Tensor, m: Tensor, v: Tensor, *, lr: float, beta1: float,
-                   beta2: float, eps: float, weight_decay: float) -> None:
-    """One EmoSens step in place, in the order of SPEC.md (no bias correction).
+def emosens_rule(p: Tensor, g: Tensor, states: tuple[Tensor, ...], stats: tuple[Tensor, ...],
+                 h: Hyper, extent: Extent,
+                 decay: bool) -> tuple[Tensor, tuple[Tensor, ...]]:
+    """One EmoSens step, out of place, in the order of SPEC.md (no bias correction).
 
-    ``m <- b1*m + (1-b1)*g``; ``v <- b2*v + (1-b2)*g^2``; ``p <- p - wd*lr*p``;
-    ``p <- p - lr * m / (sqrt(v) + eps)``.
+    ``m <- b1*m + (1-b1)*g``; ``v <- b2*v + (1-b2)*g^2``; if ``wd != 0``: ``p <- p - wd*lr*p``;
+    ``p <- p - lr * m / (sqrt(v) + eps)``. Each ``a + c*b`` is rounded once (emoq.arith).
     """
-    m.mul_(beta1).add_(g, alpha=1 - beta1)
-    v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-    if weight_decay != 0:
-        p.add_(p, alpha=-weight_decay * lr)
-    p.addcdiv_(m, v.sqrt().add_(eps), value=-lr)
+    m, v = states
+    m = axpy(m * h.beta1, g, h.one_minus_beta1)
+    v = addcmul(v * h.beta2, g, g, h.one_minus_beta2)
+    if decay:
+        p = axpy(p, p, h.neg_lr_wd)
+    p = addcdiv(p, m, sqrt(v) + h.eps, h.neg_lr)
+    return p, (m, v)
 
 
 class EmoSens(EmoOptimizer):
@@ -29,11 +34,10 @@ class EmoSens(EmoOptimizer):
     """
 
     eps_in_denominator = True
+    rule = staticmethod(emosens_rule)
 
     def _state_specs(self, p: Tensor) -> dict[str, StateSpec]:
         return {"m": StateSpec(p.shape, signed=True), "v": StateSpec(p.shape, signed=False)}
 
-    def _rule(self, p: Tensor, g: Tensor, states: dict[str, Tensor], group: dict, lr: float) -> None:
-        beta1, beta2 = group["betas"]
-        emosens_update(p, g, states["m"], states["v"], lr=lr, beta1=beta1, beta2=beta2,
-                       eps=group["eps"], weight_decay=group["weight_decay"])
+    def _rule_options(self, group: dict) -> dict:
+        return {"decay": group["weight_decay"] != 0}

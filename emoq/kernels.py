@@ -1,0 +1,235 @@
+"""Running the update rules: compiled (the default, fast path) or eagerly (the reference path).
+
+A family's rule (``emoq/optim/<family>.py``) is one out-of-place function. For each parameter
+this module wraps it into one *step function*: load every state to fp32 (dequantize) → the rule →
+store every state back (quantize) and write the parameter (with the compensation of bf16/fp16
+weights). That function runs
+
+- **compiled** (``torch.compile(fullgraph=True, dynamic=False)``, the default): the step's
+  scalars are one small tensor (a new step size never recompiles), and the whole step of a
+  parameter is one loop. Parameters with fewer than ``SMALL`` elements that share a shape (and
+  dtypes and state layout) are stepped as one stack: their states live in one stacked buffer
+  (each parameter's state is a view of it), their gradients and values are stacked for the call
+  and the values copied back, so a LoRA set of hundreds of small tensors is a handful of calls
+  and a handful of compiles (one per distinct shape), not hundreds. Rules take a parameter or a
+  stack of them along leading dims (``emoq.arith.param_dims``);
+- **eagerly**, one parameter at a time, with Python-float scalars (``fused=False``,
+  ``EMOQ_COMPILE=0``, or after a compile failure): the reference path.
+
+Both evaluate the same function; the arithmetic helpers (``emoq.arith``) round the same
+way in both, so the compiled step is bit-identical to the eager one where the maths is
+element-wise (tests/test_kernels.py; see docs/precision.md for what is and is not).
+
+Compilation failures (no C++ compiler, unsupported backend) warn once, loudly, and every later
+step runs eagerly: the same function, the reference path, only slower.
+"""
+
+from __future__ import annotations
+
+import os
+import types
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor
+
+from emoq import compensate
+from emoq.arith import Hyper
+from emoq.states import dequantize_parts, quantize_parts_
+
+SMALL = 1 << 16  # parameters with fewer elements are stacked with the same-shape ones
+# static shapes (dynamic-shape kernels measured up to 4x slower on CPU); no bounds check on the
+# table lookups (their indices are uint8 codes and 16-bit buckets, in range by construction);
+# casts to bf16/fp16 keep their rounding (inductor otherwise folds x.to(bf16).float() into x,
+# which silently disables error feedback)
+COMPILE_OPTIONS: dict[str, Any] = {"fullgraph": True, "dynamic": False,
+                                   "options": {"assert_indirect_indexing": False, "emulate_precision_casts": True}}
+
+
+def compile_enabled() -> bool:
+    """False when the environment variable ``EMOQ_COMPILE`` is ``0``/``false``/``off``/``no``."""
+    return os.environ.get("EMOQ_COMPILE", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def _no_shards(t: Tensor) -> Tensor:
+    return t
+
+
+class Extent(NamedTuple):
+    """What a rule needs to know about the whole parameter when it holds only part of it.
+
+    ``shape`` is the full parameter's shape; ``sum_shards`` turns a partial sum over the local
+    rows (dim 0) into the sum over all rows (identity for a parameter held whole). Every
+    cross-row reduction of a rule (EmoAiry's column mean and mean ``|g|``, EmoTion's column
+    mean) goes through it.
+    """
+
+    shape: tuple[int, ...]
+    sum_shards: Callable[[Tensor], Tensor] = _no_shards
+
+
+class StateLayout(NamedTuple):
+    """How one state is stored: precision, sign (unsigned states are kept as square roots) and shape."""
+
+    precision: str
+    signed: bool
+    shape: tuple[int, ...]
+
+
+def load_state(layout: StateLayout, parts: Sequence[Tensor]) -> Tensor:
+    """The fp32 value of a state from its plain parts (see ``StateStorage.kernel_args``)."""
+    prec, signed, shape = layout
+    if prec in ("8bit", "4bit", "fp8"):
+        n = 1
+        for s in shape:
+            n *= s
+        return dequantize_parts(prec, signed, parts[0], parts[1], parts[2] if len(parts) > 2 else None, n).view(shape)
+    return parts[0] if parts[0].dtype == torch.float32 else parts[0].float()
+
+
+def store_state(layout: StateLayout, parts: Sequence[Tensor], x: Tensor) -> None:
+    """Write the fp32 value ``x`` into a state's plain parts (quantizing a low-bit state)."""
+    prec, signed, _ = layout
+    if prec in ("8bit", "4bit", "fp8"):
+        table = parts[3] if len(parts) == 4 else None
+        quantize_parts_(prec, signed, parts[0], parts[1], parts[2] if len(parts) > 2 else None, x, table)
+    else:
+        parts[0].copy_(x)
+
+
+class _ByValue:
+    """Dataclass mixin: compared by value, hashed once (the engine looks up hundreds per step)."""
+
+    def _key(self) -> tuple:
+        return tuple(getattr(self, f.name) for f in fields(self))  # type: ignore[arg-type]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hash", hash(self._key()))
+
+    def __hash__(self) -> int:
+        return self._hash  # type: ignore[attr-defined]
+
+    def __eq__(self, other: object) -> bool:
+        return self is other or (type(other) is type(self) and self._key() == other._key())  # type: ignore[attr-defined]
+
+
+@dataclass(frozen=True, eq=False)
+class ParamSig(_ByValue):
+    """Everything static about one parameter's step (with the shapes, the compile key)."""
+
+    layouts: tuple[StateLayout, ...]
+    extent: Extent
+    p_dtype: torch.dtype
+    g_dtype: torch.dtype
+    compensation: str  # compensate mode ("none" for fp32 parameters)
+    shape: tuple[int, ...]
+
+
+def param_stats(stats: Callable[..., tuple[Tensor, ...]], extent: Extent, g: Tensor) -> tuple[Tensor, ...]:
+    """The statistics of one gradient a rule needs (partial sums over the local rows)."""
+    return stats(g if g.dtype == torch.float32 else g.float(), extent)
+
+
+def param_step(rule: Callable[..., Any], opts: dict, sig: ParamSig, p: Tensor, g: Tensor,
+               stats: tuple[Tensor, ...], parts: Sequence[Sequence[Tensor]], residual: Tensor | None, h: Hyper,
+               before: Callable[[Tensor], None] | None = None) -> None:
+    """One step of one parameter: load states → ``rule`` → store states and the parameter.
+
+    ``before(x)`` (eager only) runs on the fp32 working value first (the optional shadow).
+    """
+    x = compensate.working_value(p, residual, sig.compensation)
+    if before is not None:
+        before(x)
+    if g.dtype != torch.float32:
+        g = g.float()
+    states = tuple(load_state(layout, st) for layout, st in zip(sig.layouts, parts))
+    x_new, new_states = rule(x, g, states, stats, h, sig.extent, **opts)
+    for layout, st, value in zip(sig.layouts, parts, new_states):
+        store_state(layout, st, value)
+    compensate.store_value(p, x_new, residual, sig.compensation)
+
+
+def _own_code(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
+    """``fn`` with a code object of its own: dynamo keeps one cache entry per code object, so each
+    compiled chunk checks one set of guards and no recompile limit is shared between chunks."""
+    return types.FunctionType(fn.__code__.replace(co_name=name), fn.__globals__, name, None, fn.__closure__)
+
+
+def _make_step_fn(rule: Callable[..., Any], opts: tuple, sig: ParamSig) -> Callable[..., None]:
+    options = dict(opts)
+
+    def emoq_step(p: Tensor, g: Tensor, stats: tuple, parts: list, residual: Tensor | None, c: Tensor) -> None:
+        param_step(rule, options, sig, p, g, stats, parts, residual, Hyper.from_tensor(c))
+
+    return _own_code(emoq_step, "emoq_step")
+
+
+def _make_stats_fn(stats: Callable[..., tuple[Tensor, ...]], extent: Extent) -> Callable[..., tuple[Tensor, ...]]:
+    def emoq_stats(g: Tensor) -> tuple[Tensor, ...]:
+        return param_stats(stats, extent, g)
+
+    return _own_code(emoq_stats, "emoq_stats")
+
+
+_COMPILED: dict[tuple, Callable[..., Any]] = {}  # shared by all optimizers of the process
+
+
+class Runner:
+    """Runs a family's statistics and rule on one parameter or stack, compiled or eagerly (module
+    doc). Compiled functions are shared process-wide (keyed by function, options, signature and
+    shapes), so a second optimizer over the same shapes compiles nothing."""
+
+    def __init__(self, compile: bool | None = None) -> None:
+        self.compile = compile_enabled() if compile is None else bool(compile)
+        self.failed = False
+
+    def __deepcopy__(self, memo: dict) -> Runner:
+        return Runner(self.compile)
+
+    @property
+    def compiling(self) -> bool:
+        """Whether calls run compiled (compilation on, never failed here, not inside a caller's
+        ``torch.compile``, where the eager form is traced inline)."""
+        return self.compile and not self.failed and not torch.compiler.is_compiling()
+
+    def stats(self, fn: Callable[..., tuple[Tensor, ...]], extent: Extent, g: Tensor) -> tuple[Tensor, ...]:
+        """``fn``'s statistics of the gradient (or stack of gradients) ``g``."""
+        if self.compiling:
+            key = ("stats", fn, extent, g.dtype, tuple(g.shape))
+            compiled = _COMPILED.get(key)
+            if compiled is None:
+                compiled = _COMPILED[key] = torch.compile(_make_stats_fn(fn, extent), **COMPILE_OPTIONS)
+            try:
+                return compiled(g)
+            except Exception as exc:  # compile unavailable (no compiler, unsupported backend, ...)
+                self._fail(fn, exc)
+        return param_stats(fn, extent, g)
+
+    def step(self, rule: Callable[..., Any], opts: dict, sig: ParamSig, p: Tensor, g: Tensor,
+             stats: tuple[Tensor, ...], parts: list[list[Tensor]], residual: Tensor | None, h: Hyper,
+             c: Tensor | None = None, before: Callable[[Tensor], None] | None = None) -> None:
+        """One step of a parameter (or stack) ``p``; ``c`` is ``h`` as a tensor (compiled calls)."""
+        if before is None and self.compiling:
+            okey = tuple(sorted(opts.items()))
+            key = ("step", rule, okey, sig)
+            compiled = _COMPILED.get(key)
+            if compiled is None:
+                compiled = _COMPILED[key] = torch.compile(_make_step_fn(rule, okey, sig), **COMPILE_OPTIONS)
+            try:
+                compiled(p.detach(), g, stats, parts, residual, h.as_tensor(p.device) if c is None else c)
+                return
+            except Exception as exc:  # raised while compiling, before anything was written
+                self._fail(rule, exc)
+        if torch.compiler.is_compiling():  # traced inline into a caller's graph: tensor scalars
+            h = Hyper.from_tensor(h.as_tensor(p.device))
+        param_step(rule, opts, sig, p, g, stats, parts, residual, h, before)
+
+    def _fail(self, what: Callable[..., Any], exc: Exception) -> None:
+        self.failed = True
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        warnings.warn(f"emoq: torch.compile of {getattr(what, '__name__', 'the step')} failed ({type(exc).__name__}: "
+                      f"{first}); running the same functions eagerly from now on (the reference path, slower). "
+                      "Set EMOQ_COMPILE=0 to silence this.", RuntimeWarning, stacklevel=5)

@@ -1,0 +1,213 @@
+"""The default compiled path (emoq.kernels): equal to the eager reference path, stacks of small
+tensors, the overflow check, compile failure. Shapes are few and shared so that compiled kernels
+are reused across tests (each new shape costs seconds of torch.compile)."""
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import emoq
+from emoq import kernels
+from emoq.optim.base import SQUARES_LIMIT, grads_in_range
+from emoq.optim.sens import emosens_rule
+from tests.conftest import make_net
+
+pytestmark = pytest.mark.compiled
+
+FAMILIES = [emoq.EmoSens, emoq.EmoAiry, emoq.EmoCats, emoq.EmoTion]
+STACK = [(8, 64)] * 6 + [(8, 32)]  # six same-shape small tensors (one stack) and one alone
+
+
+def make_params(shapes=STACK, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter((torch.randn(s, generator=g) * 0.1).to(dtype)) for s in shapes]
+
+
+def train(params, opt, steps, seed=1, skip_grad=None):
+    g = torch.Generator().manual_seed(seed)
+    for i in range(steps):
+        for k, p in enumerate(params):
+            grad = torch.randn(p.shape, generator=g).to(p.dtype)
+            p.grad = None if (skip_grad is not None and skip_grad == (i, k)) else grad
+        opt.step(loss=2.0 / (1 + 0.1 * i))
+
+
+def both_paths(cls, steps=3, shapes=STACK, dtype=torch.float32, skip_grad=None, **kw):
+    fast, ref = make_params(shapes, dtype), make_params(shapes, dtype)
+    o_fast, o_ref = cls(fast, **kw), cls(ref, fused=False, **kw)
+    train(fast, o_fast, steps, skip_grad=skip_grad)
+    train(ref, o_ref, steps, skip_grad=skip_grad)
+    return fast, ref, o_fast, o_ref
+
+
+@pytest.mark.parametrize("cls", FAMILIES)
+def test_stacked_steps_equal_the_reference_path(cls):
+    # Element-wise arithmetic rounds the same compiled and eager (emoq.arith), so the default path
+    # gives the reference path's parameters bit for bit (EmoAiry's mean |g| may differ in its
+    # last bit, which never changes sign(u)).
+    fast, ref, o_fast, _ = both_paths(cls)
+    assert all(torch.equal(a, b) for a, b in zip(fast, ref))
+    units = o_fast._unit_cache[next(iter(o_fast._unit_cache))]
+    assert sorted(len(u.params) for u in units) == [1, 6]  # one stack of six, one alone
+
+
+def test_stack_states_are_views_of_one_buffer_and_resume_exactly():
+    fast = make_params()
+    opt = emoq.EmoSens(fast)
+    train(fast, opt, 2)
+    ptrs = {opt.state[p]["m"].untyped_storage().data_ptr() for p in fast[:6]}
+    assert len(ptrs) == 1  # one stacked buffer
+    sd = opt.state_dict()
+    assert all(sd["state"][i]["m"].shape == (8, 64) for i in range(6))
+    want = make_params()
+    o_want = emoq.EmoSens(want)
+    train(want, o_want, 4)
+    resumed = [torch.nn.Parameter(p.detach().clone()) for p in fast]
+    o2 = emoq.EmoSens(resumed)
+    o2.load_state_dict(sd)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(2):  # replay steps 0-1's generator draws, then steps 2-3
+        for p in resumed:
+            torch.randn(p.shape, generator=g)
+    for i in range(2, 4):
+        for p in resumed:
+            p.grad = torch.randn(p.shape, generator=g)
+        o2.step(loss=2.0 / (1 + 0.1 * i))
+    assert all(torch.equal(a, b) for a, b in zip(resumed, want))
+
+
+def test_stack_member_without_gradient():
+    fast, ref, _, _ = both_paths(emoq.EmoCats, steps=3, skip_grad=(1, 2))
+    assert all(torch.equal(a, b) for a, b in zip(fast, ref))
+
+
+@pytest.mark.parametrize("cls,precision", [(emoq.EmoSens, "8bit"), (emoq.EmoCats, "4bit")])
+def test_lowbit_stacks_equal_the_reference_path(cls, precision):
+    # Dequantize -> rule -> quantize compiled, stacked: the same codes as eagerly, one by one.
+    fast, ref, o_fast, o_ref = both_paths(cls, state_precision=precision, min_lowbit_size=0)
+    assert all(torch.equal(a, b) for a, b in zip(fast, ref))
+    for a, b in zip(fast, ref):
+        for name in o_ref.state[b]:
+            sa, sb = o_fast.state[a][name], o_ref.state[b][name]
+            assert torch.equal(sa.codes, sb.codes) and torch.equal(sa.scale, sb.scale)
+
+
+@pytest.mark.parametrize("mode", ["error_feedback", "error_feedback8", "none"])
+def test_bf16_weights_compensation_compiled_equals_eager(mode):
+    # The compiled step keeps bf16 roundings (emulate_precision_casts): without it, inductor folds
+    # x.to(bf16).float() into x and error feedback silently keeps a zero residual.
+    fast, ref, o_fast, o_ref = both_paths(emoq.EmoSens, dtype=torch.bfloat16, compensation=mode)
+    assert all(torch.equal(a, b) for a, b in zip(fast, ref))
+    if mode != "none":
+        assert any(o_fast.state[p]["residual"].abs().max() > 0 for p in fast)
+
+
+def test_stochastic_rounding_compiled_is_unbiased():
+    # Compiled code computes bf16 ops in fp32; the other neighbour is found on the bit pattern.
+    from emoq.compensate import stochastic_round
+
+    x = torch.full((100_000,), 1.0 + 0.1 * 2.0 ** -7)
+    fn = torch.compile(lambda t: stochastic_round(t, torch.bfloat16), **kernels.COMPILE_OPTIONS)
+    up = (fn(x).float() > 1.0).float().mean().item()
+    assert abs(up - 0.1) < 0.006
+
+
+def test_compiled_default_is_bit_identical_on_the_core_net(batch):
+    # 20 steps of the conv+MLP net of tests/test_core_rules.py (its compiled kernels are reused):
+    # the default path and fused=False agree bit for bit for every family on x86-64 AVX2, where
+    # this was measured (elsewhere ATen's CPU kernels may round otherwise; the bound of
+    # test_300_steps_default_path_matches_reference still holds).
+    if torch.backends.cpu.get_cpu_capability() != "AVX2":
+        pytest.skip("measured on AVX2 only")
+    x, y = batch
+    for cls in FAMILIES:
+        nets = [make_net(), make_net()]
+        opts = [cls(nets[0].parameters()), cls(nets[1].parameters(), fused=False)]
+        for _ in range(20):
+            for net, opt in zip(nets, opts):
+                net.zero_grad()
+                loss = F.cross_entropy(net(x), y)
+                loss.backward()
+                opt.step(loss=loss)
+        assert all(torch.equal(a, b) for a, b in zip(nets[0].parameters(), nets[1].parameters())), cls.__name__
+
+
+def test_subclass_rule_is_used_by_both_paths():
+    def rule(p, g, states, stats, h, extent, decay):
+        p, states = emosens_rule(p, g, states, stats, h, extent, decay)
+        return p - h.lr, states  # a visible change: one extra -lr
+
+    class Shifted(emoq.EmoSens):
+        pass
+
+    Shifted.rule = staticmethod(rule)
+    fast, ref, _, _ = both_paths(Shifted, steps=2)
+    base, _, _, _ = both_paths(emoq.EmoSens, steps=2)
+    assert all(torch.equal(a, b) for a, b in zip(fast, ref))
+    assert not torch.equal(fast[0], base[0])
+
+
+def test_a_non_finite_stacked_gradient_skips_the_whole_step():
+    params = make_params()
+    opt = emoq.EmoSens(params)
+    train(params, opt, 1)
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.grad = torch.randn(p.shape)
+    params[3].grad[0, 5] = float("nan")
+    with pytest.warns(RuntimeWarning, match="step skipped"):
+        opt.step(loss=1.0)
+    assert opt.skipped_steps == 1
+    assert all(torch.equal(a, b) for a, b in zip(params, before))
+
+
+def test_overflow_limit_is_per_gradient_not_per_stack():
+    # Two stacked gradients each with a sum of squares of 0.6 * limit: the stack's joint norm is over
+    # the limit, each gradient is within it, so the step runs; 1.2 * limit in one skips.
+    params = make_params(shapes=[(8, 64)] * 2)
+    opt = emoq.EmoCats(params)
+    for scale, skipped in ((0.6, 0), (1.2, 1)):
+        for p in params:
+            p.grad = torch.full(p.shape, math.sqrt(scale * SQUARES_LIMIT / p.numel()))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt.step(loss=1.0)
+        assert opt.skipped_steps == skipped
+
+
+def test_grads_in_range():
+    ok = torch.tensor(3.0)
+    assert grads_in_range([ok], [torch.tensor([1.0, 2.0])])
+    assert not grads_in_range([torch.tensor(float("nan"))], [])
+    assert not grads_in_range([], [torch.tensor([1.0, float("inf")])])
+    assert not grads_in_range([], [torch.tensor(SQUARES_LIMIT * 1.01)])
+    assert grads_in_range([], [])
+
+
+def test_compile_failure_warns_loudly_once_and_runs_the_reference_path(monkeypatch):
+    def broken_compile(fn, **kw):
+        def compiled(*args, **kwargs):
+            raise RuntimeError("no C++ compiler")
+        return compiled
+
+    monkeypatch.setattr(kernels, "_COMPILED", {})
+    monkeypatch.setattr(kernels.torch, "compile", broken_compile)
+    fast = make_params()
+    with pytest.warns(RuntimeWarning, match="torch.compile of .* failed") as rec:
+        opt = emoq.EmoSens(fast)
+        train(fast, opt, 3)
+    assert sum("torch.compile" in str(w.message) for w in rec) == 1
+    ref = make_params()
+    train(ref, emoq.EmoSens(ref, fused=False), 3)
+    assert all(torch.equal(a, b) for a, b in zip(fast, ref))
+
+
+@pytest.mark.parametrize("value,want", [("0", False), ("off", False), ("1", True), ("", True)])
+def test_compile_switch(value, want, monkeypatch):
+    monkeypatch.setenv("EMOQ_COMPILE", value)
+    assert kernels.compile_enabled() is want
+    assert emoq.EmoSens(make_params(shapes=[(2,)]))._runner.compile is want
+    assert emoq.EmoSens(make_params(shapes=[(2,)]), fused=False)._runner.compile is False
