@@ -2,8 +2,8 @@
 each compensation vs fp32 weights, on the digits MLP (64-256-256-10, batch 64, 600 steps).
 
 Low-bit runs use ``min_lowbit_size=0`` (every state whose size is a multiple of the block is
-quantized, stricter than the default) and ``EMOQ_COMPILE=0`` (the fused kernels run eagerly:
-the same formulas as compiled, quality does not depend on it). Final loss = loss on the whole
+quantized, stricter than the default) and ``EMOQ_COMPILE=0`` (the reference path: the same
+rule functions as the compiled default, which rounds the same way). Final loss = loss on the whole
 training split after the last step (deterministic given the weights), mean and standard
 deviation over seeds (the seed moves init and batch order; its spread is the noise level
 against which a precision's difference must be read); also held-out loss.

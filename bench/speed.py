@@ -20,9 +20,9 @@ from pathlib import Path
 from bench import common
 
 DEFAULT = ["torch AdamW fused", "torch AdamW foreach", "bnb AdamW8bit", "torchao AdamW8bit", "torchao AdamW4bit",
-           "EmoSens fp32", "EmoSens fp32 fused", "EmoSens bf16", "EmoSens bf16 fused", "EmoSens 8bit", "EmoSens 4bit",
+           "EmoSens fp32", "EmoSens fp32 eager", "EmoSens bf16", "EmoSens bf16 eager", "EmoSens 8bit", "EmoSens 4bit",
            "EmoSens fp8",
-           "EmoCats fp32", "EmoCats fp32 fused", "EmoCats 8bit", "EmoCats 4bit", "EmoCats fp8",
+           "EmoCats fp32", "EmoCats fp32 eager", "EmoCats 8bit", "EmoCats 4bit", "EmoCats fp8",
            "EmoAiry fp32", "EmoAiry 8bit", "EmoTion fp32", "EmoTion 8bit"]
 
 
@@ -30,9 +30,10 @@ def makers() -> dict:
     import emoq
 
     out = {**common.peer_optimizers(), **common.emo_optimizers()}
-    out["EmoSens fp32 fused"] = lambda ps: emoq.EmoSens(ps, fused=True)
-    out["EmoCats fp32 fused"] = lambda ps: emoq.EmoCats(ps, fused=True)
-    out["EmoSens bf16 fused"] = lambda ps: emoq.EmoSens(ps, state_precision="bf16", fused=True)
+    # "eager": the reference path (fused=False); the plain names run the default compiled step.
+    out["EmoSens fp32 eager"] = lambda ps: emoq.EmoSens(ps, fused=False)
+    out["EmoCats fp32 eager"] = lambda ps: emoq.EmoCats(ps, fused=False)
+    out["EmoSens bf16 eager"] = lambda ps: emoq.EmoSens(ps, state_precision="bf16", fused=False)
     return out
 
 

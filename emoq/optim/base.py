@@ -173,8 +173,8 @@ class EmoOptimizer(Optimizer):
             docs/precision.md) or ``"error_feedback8"`` (residual in int8 ulp units, 1 B/param).
             No effect on fp32 parameters.
         fused: ``None``/``True`` (default): each step runs as compiled functions (load states
-            → rule → store states, one loop per parameter; small parameters ``CHUNK`` per
-            call); the first step of each new shape compiles (seconds). ``False``: the rule
+            → rule → store states, one loop per parameter; small same-shape parameters
+            stacked into one call); the first step of each new shape compiles (seconds). ``False``: the rule
             runs eagerly, parameter by parameter, with Python-float scalars: the reference
             path (what tests/reference.py is compared with). Both run the same rule function;
             docs/precision.md says where they are bit-identical. ``EMOQ_COMPILE=0`` in the
