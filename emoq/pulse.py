@@ -1,20 +1,38 @@
 """emoPulse: the loss-driven step size shared by every Emo optimizer (SPEC.md, "emoPulse").
 
 Pure Python floats, no tensors: the pulse is a small state machine that turns the history of
-the training loss into the step size ``eta`` of the next update.
+the training loss into the step size ``eta`` of the next update. One shared core (the loss
+EMAs, ``scalar``, ``trust``, ``noise``, ``d`` and ``hist`` of SPEC.md steps 1-6) and one small
+class per variant for what differs: how ``eta`` and the stop signal follow from the core.
+
+=============  ==================================================================
+``"v3.8"``     :class:`EmoPulse` itself, the default, reference-exact (SPEC.md)
+``"v3.9"``     :class:`EmoPulseV39`, upstream's emoChain (SPEC.md "The v3.9 pulse")
+``"adaptive"`` :class:`~emoq.pulse.EmoPulseAdaptive`, emoq's own (docs/pulse.md)
+=============  ==================================================================
+
+``EmoPulse(scope, pulse="v3.9")`` builds the named variant (an instance of its class, which
+is an :class:`EmoPulse`). A variant's ``state_dict()`` is a flat dict of plain Python scalars
+with ``"pulse"`` naming the variant; loading another variant's state raises ``ValueError``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 ETA_MIN = 1e-6
 ETA_MAX = 3e-3
 
 
+def _check_scope(scope: Any) -> float:
+    if isinstance(scope, bool) or not (isinstance(scope, (int, float)) and math.isfinite(scope) and scope > 0):
+        raise ValueError(f"scope (the optimizer's lr) must be a finite float > 0, got {scope!r}")
+    return float(scope)
+
+
 class EmoPulse:
-    """The emoPulse state machine of Emo v3.8 (SPEC.md steps 1-9).
+    """The emoPulse state machine; this class is the Emo v3.8 pulse (SPEC.md steps 1-9).
 
     ``update(loss)`` consumes one finite loss per optimizer step and returns the step size
     ``eta = clamp(hist * scope * 1e-4, 1e-6, 3e-3)``.
@@ -25,26 +43,51 @@ class EmoPulse:
         noise_floor: lower bound on ``noise`` in the denominator term ``D`` (1e-10; EmoAiry
             uses 1e-8).
         stop_thresholds: ``(a, b)`` of the stop signal ``|scalar| <= a and |N - D| <= b``.
+        pulse: the variant, ``"v3.8"`` (default), ``"v3.9"`` or ``"adaptive"``;
+            ``EmoPulse(pulse="v3.9")`` returns an :class:`EmoPulseV39`.
 
     Trap: the pulse expects the *unscaled* loss of one optimizer update. Feeding it a loss
     multiplied by an AMP GradScaler, or the sum instead of the mean of micro-batch losses,
     changes its history and so every later step size.
     """
 
-    def __init__(
-        self,
-        scope: float = 1.0,
-        noise_floor: float = 1e-10,
-        stop_thresholds: tuple[float, float] = (1e-6, 1e-7),
-    ) -> None:
-        if not (isinstance(scope, (int, float)) and math.isfinite(scope) and scope > 0):
-            raise ValueError(f"scope (the optimizer's lr) must be a finite float > 0, got {scope!r}")
-        if not noise_floor >= 0:
+    name: ClassVar[str] = "v3.8"
+    variants: ClassVar[dict[str, type[EmoPulse]]] = {}
+    #: the per-step tensor statistics a variant needs from the optimizer (see ``needs_probe``)
+    needs_probe: ClassVar[bool] = False
+    _CORE_FIELDS: ClassVar[tuple[str, ...]] = (
+        "short", "medium", "long", "noise", "d", "hist", "scope", "scalar", "trust", "eta", "should_stop", "steps")
+    _FIELDS: ClassVar[tuple[str, ...]] = ()  # the variant's own state, after the core's
+    _OPTIONAL: ClassVar[tuple[str, ...]] = ("short", "medium", "long", "eta")  # fields that may be None
+
+    def __init_subclass__(cls, register: bool = True, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if register:
+            EmoPulse.variants[cls.name] = cls
+
+    def __new__(cls, *args: Any, pulse: str | None = None, **kwargs: Any) -> EmoPulse:
+        if pulse is not None:
+            target = EmoPulse.variants.get(pulse) if isinstance(pulse, str) else None
+            if target is None:
+                raise ValueError(f"pulse must be one of {sorted(EmoPulse.variants)}, got {pulse!r}")
+            if not issubclass(target, cls):
+                raise ValueError(f"{cls.__name__} is the {cls.name!r} pulse, not {pulse!r}")
+            cls = target
+        return super().__new__(cls)
+
+    def __init__(self, scope: float = 1.0, noise_floor: float = 1e-10,
+                 stop_thresholds: tuple[float, float] = (1e-6, 1e-7), pulse: str | None = None) -> None:
+        if not (isinstance(noise_floor, (int, float)) and noise_floor >= 0):
             raise ValueError(f"noise_floor must be >= 0, got {noise_floor!r}")
         self.noise_floor = float(noise_floor)
         self.stop_thresholds = (float(stop_thresholds[0]), float(stop_thresholds[1]))
-        self.initial_scope = float(scope)
+        self.initial_scope = _check_scope(scope)
         self.reset()
+
+    @classmethod
+    def names(cls) -> list[str]:
+        """The registered variant names."""
+        return list(EmoPulse.variants)
 
     def reset(self) -> None:
         """Forget the loss history (the state of a freshly built optimizer)."""
@@ -61,11 +104,28 @@ class EmoPulse:
         self.should_stop = False
         self.steps = 0
 
-    def update(self, loss: float) -> float:
-        """Consume one loss and return the step size of this step (SPEC.md steps 1-9)."""
+    # ------------------------------------------------------------------ the shared core
+    def update(self, loss: float, probe: tuple[float, ...] | None = None) -> float:
+        """Consume one loss and return the step size of this step.
+
+        ``probe`` is the tuple of tensor statistics of a variant with ``needs_probe`` (the
+        optimizer measures them; see :class:`~emoq.pulse.EmoPulseAdaptive`); others ignore it.
+        """
         loss = float(loss)
         if not math.isfinite(loss):
             raise ValueError(f"emoPulse received a non-finite loss ({loss}); it must be filtered out before")
+        self._observe(loss, probe)
+        eta = self._step_size()
+        self.should_stop = self._stop_signal()
+        self.eta = eta
+        self.steps += 1
+        return eta
+
+    def _observe(self, loss: float, probe: tuple[float, ...] | None) -> None:
+        """SPEC.md steps 1-6: the loss EMAs, ``scalar``, ``trust``, ``noise``, ``d``, ``hist``.
+
+        Leaves ``bm``, ``n`` (N) and ``dd`` (D) of this step on ``self`` for the variant.
+        """
         # 1. loss EMAs
         if self.short is None:
             self.short = self.medium = self.long = loss
@@ -91,6 +151,7 @@ class EmoPulse:
         # 4. noise and d
         self.noise = 0.97 * self.noise + 0.03 * abs(scalar)
         self.d = 0.97 * self.d + 0.03 * abs(trust)
+        self._after_noise(scalar)
         # 5. ratio
         n = abs(scalar - trust) + 0.1
         dd = abs(max(self.noise, self.noise_floor) - self.d) + 0.1
@@ -100,42 +161,77 @@ class EmoPulse:
             self.hist = min(r, 1.5 * self.hist)
         elif -0.5 <= trust <= 0.5:
             self.hist = 0.8 * r
-        # 7. step size (clamp bounds do not scale with scope)
-        eta = min(max(self.hist * self.scope * 1e-4, ETA_MIN), ETA_MAX)
-        # 9. stop signal: advice only; it resets the scope to 1.0
+        self.scalar, self.trust, self.bm, self.n, self.dd = scalar, trust, bm, n, dd
+
+    # ------------------------------------------------------------------ what a variant changes
+    def measure(self, params: list[Any], state: dict[Any, dict[str, Any]]) -> tuple[float, ...] | None:
+        """The tensor statistics this variant needs for the next :meth:`update` (``probe=``),
+        measured by the caller (optimizer or scheduler) on ``params`` — the parameters that have
+        a gradient this step, before any of them moves — keeping what it must in ``state[p]``.
+        v3.8 and v3.9 need none: ``None``, at no cost."""
+        return None
+
+    def _after_noise(self, scalar: float) -> None:
+        """Hook between SPEC.md steps 4 and 5 (v3.9's chain factor); v3.8: nothing."""
+
+    def _step_size(self) -> float:
+        """SPEC.md step 7: ``clamp(hist * scope * 1e-4, 1e-6, 3e-3)`` (bounds do not scale with scope)."""
+        return min(max(self.hist * self.scope * 1e-4, ETA_MIN), ETA_MAX)
+
+    def _stop_signal(self) -> bool:
+        """SPEC.md step 9: ``|scalar| <= a and |N - D| <= b``; when true the scope resets to 1.0.
+
+        Advice only. The step size of this step was computed with the old scope.
+        """
         a, b = self.stop_thresholds
-        self.should_stop = abs(scalar) <= a and abs(n - dd) <= b
-        if self.should_stop:
+        stop = abs(self.scalar) <= a and abs(self.n - self.dd) <= b
+        if stop:
             self.scope = 1.0
-        self.scalar = scalar
-        self.trust = trust
-        self.eta = eta
-        self.steps += 1
-        return eta
+        return stop
 
-    _FIELDS = ("short", "medium", "long", "noise", "d", "hist", "scope", "scalar", "trust", "eta",
-               "should_stop", "steps")
-
+    # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume bit-exactly (plain Python scalars)."""
-        return {name: getattr(self, name) for name in self._FIELDS}
+        """Everything needed to resume bit-exactly: a flat dict of plain Python scalars, with
+        ``"pulse"`` naming the variant."""
+        out: dict[str, Any] = {"pulse": self.name}
+        out.update((name, getattr(self, name)) for name in self._CORE_FIELDS + self._FIELDS)
+        return out
+
+    def check_state_dict(self, state: Any) -> dict[str, Any]:
+        """The validated values of :meth:`state_dict` output, without loading them.
+
+        Raises ``ValueError`` for a state of another variant or a bad value (:func:`check_pulse_state`),
+        ``KeyError`` for a missing field.
+        """
+        if not isinstance(state, dict):
+            raise ValueError(f"EmoPulse state_dict must be a dict, got {type(state).__name__}")
+        saved = state.get("pulse", "v3.8")  # states saved before variants existed are v3.8
+        if saved != self.name:
+            raise ValueError(f"cannot load a {saved!r} pulse state into the {self.name!r} pulse; build the "
+                             f"optimizer with pulse={saved!r} to resume this checkpoint")
+        return {"pulse": self.name, **check_pulse_state(state, self._CORE_FIELDS + self._FIELDS, self._OPTIONAL)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; every value is checked first, so a bad one changes nothing."""
-        values = check_pulse_state(state, self._FIELDS)
-        for name, value in values.items():
-            setattr(self, name, value)
+        """Restore :meth:`state_dict`; every value is checked first, so a bad one (or a state of
+        another variant) changes nothing."""
+        for name, value in self.check_state_dict(state).items():
+            if name != "pulse":
+                setattr(self, name, value)
 
     def __repr__(self) -> str:
-        return (f"EmoPulse(scope={self.scope}, eta={self.eta}, hist={self.hist}, steps={self.steps}, "
+        return (f"{type(self).__name__}(scope={self.scope}, eta={self.eta}, hist={self.hist}, steps={self.steps}, "
                 f"should_stop={self.should_stop})")
 
 
-def check_pulse_state(state: Any, fields: tuple[str, ...]) -> dict[str, Any]:
+EmoPulse.variants[EmoPulse.name] = EmoPulse
+
+
+def check_pulse_state(state: Any, fields: tuple[str, ...],
+                      optional: tuple[str, ...] = ("short", "medium", "long", "eta")) -> dict[str, Any]:
     """The validated values of a pulse ``state_dict`` (raises ``KeyError``/``ValueError``, names the field).
 
     A NaN or inf anywhere (``hist = nan`` makes every later step size NaN), a negative count,
-    a scope <= 0 or loss EMAs set only in part are refused.
+    a scope <= 0 or loss EMAs set only in part are refused. ``optional`` fields may be ``None``.
     """
     if not isinstance(state, dict):
         raise ValueError(f"EmoPulse state_dict must be a dict, got {type(state).__name__}")
@@ -153,7 +249,7 @@ def check_pulse_state(state: Any, fields: tuple[str, ...]) -> dict[str, Any]:
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"EmoPulse state {name!r} must be an int >= 0, got {value!r}")
             out[name] = value
-        elif value is None and name in ("short", "medium", "long", "eta"):
+        elif value is None and name in optional:
             out[name] = None
         elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             out[name] = float(value)
@@ -165,3 +261,135 @@ def check_pulse_state(state: Any, fields: tuple[str, ...]) -> dict[str, Any]:
     if "scope" in out and not out["scope"] > 0:
         raise ValueError(f"EmoPulse state 'scope' must be > 0, got {out['scope']!r}")
     return out
+
+
+def make_pulse(pulse: str, scope: float, noise_floor: float = 1e-10,
+               stop_thresholds: tuple[float, float] = (1e-6, 1e-7)) -> EmoPulse:
+    """The variant named ``pulse`` (the optimizers' and the scheduler's ``pulse=``)."""
+    if not isinstance(pulse, str) or pulse not in EmoPulse.variants:
+        raise ValueError(f"pulse must be one of {sorted(EmoPulse.variants)}, got {pulse!r}")
+    return EmoPulse(scope, noise_floor, stop_thresholds, pulse=pulse)
+
+
+class EmoPulseV39(EmoPulse):
+    """Upstream's v3.9.1 pulse, emoChain (SPEC.md "The v3.9 pulse"); ``pulse="v3.9"``.
+
+    Core steps 1-6 as v3.8, with the noise floor 1e-10 for every family and a chain factor
+    ``c <- 0.7*c + 0.3*scalar`` after step 4. Step 7:
+    ``eta = clamp(hist * scope * max(100**c, 1e-2) * 1e-4, 1e-8, scope * 3e-3)`` (``min`` with
+    the upper bound first). Stop signal: ``d - noise >= 0.3 and bm <= 0.04``, re-evaluated every
+    step, without any change of scope.
+
+    Trap: the upper bound scales with the scope, so a sign rule (EmoCats, EmoTion, EmoAiry) can
+    take ``+-3e-3 * scope`` steps per coordinate: measured to diverge for EmoCats on digits.
+    """
+
+    name = "v3.9"
+    _FIELDS = ("c",)
+    STOP_COEF = 0.04
+
+    def __init__(self, scope: float = 1.0, noise_floor: float = 1e-10,
+                 stop_thresholds: tuple[float, float] = (1e-6, 1e-7), pulse: str | None = None) -> None:
+        # v3.9 uses the 1e-10 floor for every family and its own stop rule: the family's values are ignored
+        super().__init__(scope, 1e-10, stop_thresholds, pulse)
+
+    def reset(self) -> None:
+        super().reset()
+        self.c = 0.0
+
+    def _after_noise(self, scalar: float) -> None:
+        self.c = 0.7 * self.c + 0.3 * scalar
+
+    def _step_size(self) -> float:
+        raw = self.hist * self.scope * max(100.0 ** self.c, 1e-2) * 1e-4
+        return max(min(raw, self.scope * 3e-3), 1e-8)
+
+    def _stop_signal(self) -> bool:
+        return self.d - self.noise >= 0.3 and self.bm <= self.STOP_COEF
+
+
+class EmoPulseAdaptive(EmoPulse):
+    """emoq's own pulse, ``pulse="adaptive"``: looks for the step-size scale each family needs.
+
+    The step size lives in log space, starts at v3.8's ``1e-4 * scope`` and moves every step by::
+
+        c      = cos(g, x0 - x)                   # on a fixed 1/61 subset of coordinates (emoq/probe.py)
+        signal = ema_0.9(c) / sqrt(ema_0.99(c**2))   # c's mean over its spread: about +-1 when c is steady
+        rise   = max(0, (s - m) / |m|)            # fast loss EMA above the medium one (SPEC step 1)
+        log_eta += clamp(GAIN * signal - BACKOFF * min(rise, 1), -MAX_CHANGE, MAX_CHANGE)
+        eta    = clamp(scope * exp(log_eta), 1e-8, scope * ETA_MAX)
+
+    - While the gradient still points along the way the weights travelled from the start (the
+      signal D-Adaptation and Prodigy accumulate), the steps are too small: eta grows, up to
+      ``e**GAIN`` per step. Once it no longer does (``c <= 0``: the family's own steps overshoot
+      along their path) growth stops and reverses. ``c`` measures what the family's direction
+      actually did, so every family finds its own scale (sign rules a smaller one than EmoSens).
+      ``c`` itself is tiny in high dimension (noise): dividing by its RMS makes the growth rate
+      independent of the model size.
+    - A loss that rises above its recent level pulls eta down (up to ``e**-MAX_CHANGE`` per
+      step): the fast reaction to spikes.
+    eta never anneals below ``STOP_RATIO`` (1/100) of the largest value it reached; the stop
+    signal (advice, the scope is untouched) holds while it sits at that floor. Core steps 1-6
+    run as in v3.8 (the shadow reads ``scalar`` and ``trust``).
+
+    Needs ``probe`` with every loss (``measure``): Emo optimizers and
+    :class:`~emoq.EmoPulseScheduler` measure it; ``update(loss)`` alone raises ``ValueError``.
+    Trap: ``rise`` is relative to the loss level, so a loss with a large constant offset reacts
+    less to its noise. Design and measurements: docs/pulse.md, docs/decisions.md, bench/README.md.
+    """
+
+    name = "adaptive"
+    needs_probe = True
+    _FIELDS = ("log_eta", "log_peak", "cos", "cos_m", "cos_v")
+    _OPTIONAL = EmoPulse._OPTIONAL + ("cos", "cos_v")
+    ETA0 = 1e-4
+    GAIN = 0.1
+    BACKOFF = 3.0
+    MAX_CHANGE = 0.3
+    ETA_MAX = 0.1
+    STOP_RATIO = 0.01
+
+    def reset(self) -> None:
+        super().reset()
+        self.log_eta = math.log(self.ETA0)
+        self.log_peak = self.log_eta
+        self.cos: float | None = None
+        self.cos_m = 0.0
+        self.cos_v: float | None = None
+
+    def measure(self, params: list[Any], state: dict[Any, dict[str, Any]]) -> tuple[float, float, float]:
+        from emoq.probe import distance_probe
+
+        return distance_probe(params, state)
+
+    def _signal(self, cos: float) -> float:
+        """The growth signal from this step's cosine: its EMA over its RMS."""
+        self.cos_m = 0.9 * self.cos_m + 0.1 * cos
+        self.cos_v = cos * cos if self.cos_v is None else 0.99 * self.cos_v + 0.01 * cos * cos
+        return self.cos_m / (math.sqrt(self.cos_v) + 1e-12)
+
+    def _observe(self, loss: float, probe: tuple[float, ...] | None) -> None:
+        if probe is None or len(probe) != 3 or not all(map(math.isfinite, probe)):
+            raise ValueError("pulse='adaptive' needs its probe (<g, x0 - x>, |g|^2, |x0 - x|^2) with every loss: "
+                             "use it through an Emo optimizer or EmoPulseScheduler, or pass probe=pulse.measure(...)")
+        super()._observe(loss, probe)
+        gx, gg, xx = probe
+        norms = math.sqrt(gg) * math.sqrt(xx)  # two roots: no overflow or underflow of gg * xx
+        self.cos = max(-1.0, min(1.0, gx / norms)) if norms > 0 else None
+        # loss rising above its recent level (fast EMA over the medium one), relative
+        rise = max(0.0, (self.short - self.medium) / max(abs(self.medium), 1e-12))
+        change = -self.BACKOFF * min(rise, 1.0)
+        if self.cos is not None:
+            change += self.GAIN * self._signal(self.cos)
+        self.log_eta += max(-self.MAX_CHANGE, min(self.MAX_CHANGE, change))
+        # bounds in log space too, so it can never run away: at most ETA_MAX, at least
+        # STOP_RATIO of the peak reached so far (annealed, not stopped), never below 1e-8
+        floor = max(math.log(1e-8 / self.scope), self.log_peak + math.log(self.STOP_RATIO))
+        self.log_eta = max(floor, min(math.log(self.ETA_MAX), self.log_eta))
+        self.log_peak = max(self.log_peak, self.log_eta)
+
+    def _step_size(self) -> float:
+        return min(max(self.scope * math.exp(self.log_eta), 1e-8), self.scope * self.ETA_MAX)
+
+    def _stop_signal(self) -> bool:
+        return self.log_eta <= self.log_peak + math.log(self.STOP_RATIO) + 1e-9

@@ -21,7 +21,8 @@ class RefPulse:
         self.scalar = self.trust = 0.0
         self.should_stop = False
 
-    def update(self, L):
+    def core(self, L):
+        """Steps 1-6; returns (scalar, trust, N, D, bm) of this step."""
         if self.s is None:
             self.s = self.m = self.l = L
         self.s = 0.3 * L + 0.7 * self.s
@@ -46,11 +47,33 @@ class RefPulse:
             self.hist = min(r, 1.5 * self.hist)
         elif -0.5 <= trust <= 0.5:
             self.hist = 0.8 * r
+        self.scalar, self.trust = scalar, trust
+        return scalar, trust, N, D, bm
+
+    def update(self, L):
+        scalar, _, N, D, _ = self.core(L)
         eta = min(max(self.hist * self.scope * 1e-4, 1e-6), 3e-3)
         self.should_stop = abs(scalar) <= self.a and abs(N - D) <= self.b
         if self.should_stop:
             self.scope = 1.0
-        self.scalar, self.trust = scalar, trust
+        return eta
+
+
+class RefPulseV39(RefPulse):
+    """SPEC.md "The v3.9 pulse" as plain statements: steps 1-6 of v3.8 with the 1e-10 floor,
+    the chain factor c (it reads only this step's scalar, so it can follow step 6), then
+    emoChain's step size and stop signal."""
+
+    def __init__(self, lr=1.0):
+        super().__init__(lr, floor=1e-10)
+        self.c = 0.0
+
+    def update(self, L):
+        scalar, _, _, _, bm = self.core(L)
+        self.c = 0.7 * self.c + 0.3 * scalar
+        eta = self.hist * self.scope * max(100 ** self.c, 1e-2) * 1e-4
+        eta = max(min(eta, self.scope * 3e-3), 1e-8)
+        self.should_stop = (self.d - self.noise >= 0.3) and (bm <= 0.04)
         return eta
 
 
@@ -79,13 +102,13 @@ class RefEmo:
     STOPS = {"sens": (1e-6, 1e-7), "airy": (1e-6, 1e-7), "cats": (5e-6, 5e-7), "tion": (5e-6, 5e-7)}
 
     def __init__(self, family, params, lr=1.0, betas=(0.9, 0.995), eps=1e-8, weight_decay=0.01,
-                 use_shadow=False, naive=False):
+                 use_shadow=False, naive=False, pulse="v3.8"):
         self.naive = naive
         self.family = family
         self.params = list(params)
         self.b1, self.b2 = betas
         self.eps, self.wd, self.use_shadow = eps, weight_decay, use_shadow
-        self.pulse = RefPulse(lr, self.FLOORS[family], *self.STOPS[family])
+        self.pulse = RefPulse(lr, self.FLOORS[family], *self.STOPS[family]) if pulse == "v3.8" else RefPulseV39(lr)
         self.state = {}
         self.eta = None
 

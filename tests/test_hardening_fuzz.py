@@ -196,7 +196,11 @@ CORRUPTIONS = {
     "pulse_value": lambda sd, d: sd["emo"]["pulse"].__setitem__(d.draw(st.sampled_from(
         ["hist", "noise", "d", "scope", "short", "eta"])), d.draw(st.sampled_from([math.nan, math.inf, "1.0"]))),
     "pulse_steps": lambda sd, d: sd["emo"]["pulse"].__setitem__("steps", d.draw(st.sampled_from([-1, 1.5, None]))),
-    "pulse_missing": lambda sd, d: sd["emo"]["pulse"].pop(d.draw(st.sampled_from(sorted(sd["emo"]["pulse"])))),
+    # the variant's name may be absent (states saved before pulse= existed are v3.8); any other field may not
+    "pulse_missing": lambda sd, d: sd["emo"]["pulse"].pop(d.draw(st.sampled_from(
+        sorted(set(sd["emo"]["pulse"]) - {"pulse"})))),
+    "pulse_variant": lambda sd, d: sd["emo"]["pulse"].__setitem__("pulse", d.draw(st.sampled_from(
+        ["v3.9", "adaptive", "v4", None, 3.8]))),
     "skipped": lambda sd, d: sd["emo"].__setitem__("skipped_steps", d.draw(st.sampled_from([-1, "x", 1.5]))),
     "recorded": lambda sd, d: sd["emo"].__setitem__("recorded_count", 3),
     "drop_group_param": lambda sd, d: sd["param_groups"][0]["params"].pop(),

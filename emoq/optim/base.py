@@ -25,7 +25,9 @@ from emoq import compensate
 from emoq.arith import Hyper
 from emoq.distributed import reduce_loss
 from emoq.kernels import SMALL, Extent, ParamSig, Runner, StateLayout
-from emoq.pulse import EmoPulse, check_pulse_state
+from emoq.probe import STATE_NAME as PROBE_STATE
+from emoq.probe import check_probe_state
+from emoq.pulse import EmoPulse, make_pulse
 from emoq.states import DEFAULT_MIN_LOWBIT_SIZE, StateStorage, check_saved_state, clone_lowbit, is_lowbit, precision_of
 
 NO_LOSS_MESSAGE = (
@@ -179,6 +181,8 @@ class EmoOptimizer(Optimizer):
             path (what tests/reference.py is compared with). Both run the same rule function;
             docs/precision.md says where they are bit-identical. ``EMOQ_COMPILE=0`` in the
             environment has the effect of ``fused=False``.
+        pulse: the emoPulse variant (emoq/pulse.py, docs/pulse.md): ``"v3.8"`` (default,
+            reference-exact), ``"v3.9"`` (upstream's emoChain) or ``"adaptive"`` (emoq's own).
     """
 
     stop_thresholds: tuple[float, float] = (1e-6, 1e-7)
@@ -196,6 +200,7 @@ class EmoOptimizer(Optimizer):
         min_lowbit_size: int = DEFAULT_MIN_LOWBIT_SIZE,
         compensation: str | None = None,
         fused: bool | None = None,
+        pulse: str = "v3.8",
     ) -> None:
         if not (_is_number(lr) and math.isfinite(lr) and lr > 0):
             raise ValueError(f"lr (the pulse scope) must be a finite float > 0, got {lr!r}")
@@ -213,8 +218,7 @@ class EmoOptimizer(Optimizer):
         defaults = dict(lr=float(lr), betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         self.use_shadow = use_shadow
         self.state_precision = state_precision
-        self._pulse = EmoPulse(scope=float(lr), noise_floor=self.noise_floor,
-                               stop_thresholds=self.stop_thresholds)
+        self._pulse = make_pulse(pulse, float(lr), self.noise_floor, self.stop_thresholds)
         self._state_shapes: dict[Tensor, torch.Size] = {}  # each parameter's shape when its states were made
         self._recorded_sum: Tensor | None = None  # running sum of the recorded micro-batch losses
         self._recorded_count = 0
@@ -411,7 +415,7 @@ class EmoOptimizer(Optimizer):
                               "see .skipped_steps; warned once)", RuntimeWarning, stacklevel=2)
             return result
         self._last_loss = loss_value
-        lr = self._pulse.update(loss_value)
+        lr = self._pulse.update(loss_value, self._pulse.measure([p for _, u in units for p in u.params], self.state))
         hypers: dict[tuple, tuple[Hyper, Tensor | None]] = {}  # per group and device
         for group, unit in units:
             key = (id(group), unit.params[0].device)
@@ -528,7 +532,7 @@ class EmoOptimizer(Optimizer):
         """The static signature and plain tensors of ``p``'s step (cached until states change)."""
         state = self.state[p]
         specs = self._state_specs(p)
-        if not state:
+        if not state.keys() - {PROBE_STATE}:  # the adaptive pulse's probe may have come first
             self._init_state(p, state)
         missing = [n for n in specs if n not in state]
         if missing:
@@ -553,7 +557,7 @@ class EmoOptimizer(Optimizer):
         if self.use_shadow:
             state["shadow"] = p.detach().clone()
 
-    _NOT_RULE_STATES = ("shadow", "residual")
+    _NOT_RULE_STATES = ("shadow", "residual", PROBE_STATE)
 
     def _shadow_step(self, p: Tensor, shadow: Tensor) -> None:
         """SPEC.md "Optional shadow", applied before the moment update."""
@@ -679,6 +683,10 @@ class EmoOptimizer(Optimizer):
                 self._check_hparams(saved.get("betas"), saved.get("eps"), saved.get("weight_decay"))
             except ValueError as err:
                 raise ValueError(f"state_dict param group {i}: {err}") from None
+        try:  # the pulse first: another pulse= variant is the likeliest mismatch, named as such
+            pulse = self._pulse.check_state_dict(emo.get("pulse"))
+        except (KeyError, ValueError) as err:
+            raise ValueError(f"state_dict pulse: {err}") from None
         ids = list(chain.from_iterable(g["params"] for g in saved_groups))
         params = list(chain.from_iterable(g["params"] for g in self.param_groups))
         if len(set(ids)) != len(ids):
@@ -694,11 +702,7 @@ class EmoOptimizer(Optimizer):
             if not isinstance(saved, dict):
                 raise ValueError(f"state_dict: the state of {where} is not a dict")
             states[p] = self._check_param_state(p, saved, where, emo.get("compensation"))
-        # pulse, counters, recorded micro-batch losses
-        try:
-            pulse = check_pulse_state(emo.get("pulse"), EmoPulse._FIELDS)
-        except (KeyError, ValueError) as err:
-            raise ValueError(f"state_dict pulse: {err}") from None
+        # counters, recorded micro-batch losses
         skipped = emo.get("skipped_steps", 0)
         if isinstance(skipped, bool) or not isinstance(skipped, int) or skipped < 0:
             raise ValueError(f"state_dict 'skipped_steps' must be an int >= 0, got {skipped!r}")
@@ -707,9 +711,9 @@ class EmoOptimizer(Optimizer):
     def _check_param_state(self, p: Tensor, saved: dict[str, Any], where: str, saved_compensation: Any) -> dict:
         """One parameter's saved states, checked and rebuilt through the storage policy."""
         specs = self._state_specs(p)
-        present = [n for n in saved if n != "residual"]
+        present = [n for n in saved if n not in ("residual", PROBE_STATE)]
         expected = list(specs) + (["shadow"] if self.use_shadow else [])
-        if saved and sorted(present) != sorted(expected):
+        if saved.keys() - {PROBE_STATE} and sorted(present) != sorted(expected):
             raise ValueError(f"state_dict: {where} has states {sorted(present)}, {type(self).__name__} "
                              f"(use_shadow={self.use_shadow}) keeps {sorted(expected)} for it")
         rebuilt: dict[str, Any] = {}
@@ -719,6 +723,11 @@ class EmoOptimizer(Optimizer):
                 if problem:
                     raise ValueError(f"state_dict: shadow of {where} {problem}")
                 rebuilt[name] = value.detach().to(device=p.device, dtype=p.dtype, copy=True)
+            elif name == PROBE_STATE:  # the adaptive pulse's subset of the starting point (emoq/probe.py)
+                problem = check_probe_state(value, p) if self._pulse.needs_probe else "kept by no pulse but 'adaptive'"
+                if problem:
+                    raise ValueError(f"state_dict: {name} of {where} {problem}")
+                rebuilt[name] = value.detach().to(device=p.device, dtype=torch.float32, copy=True)
             elif name == "residual":  # compensation buffer: param dtype, or int8 ulp units
                 if not isinstance(value, Tensor) or tuple(value.shape) != tuple(p.shape):
                     raise ValueError(f"state_dict: residual of {where} is not a tensor of the parameter's shape")

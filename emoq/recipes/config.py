@@ -48,6 +48,7 @@ class Recipe:
     # optimisation
     optimizer: str = "EmoAiry8bit"  # any emoq optimizer class name
     optimizer_kwargs: dict[str, Any] = field(default_factory=dict)
+    pulse: str = "v3.8"  # the optimizer's pulse= variant: v3.8 | v3.9 | adaptive (docs/pulse.md)
     weight_decay: float = 0.0  # passed to the Trainer (it sets every group's weight decay)
     batch_size: int = 4
     eval_batch_size: int = 8
@@ -94,8 +95,13 @@ class Recipe:
         bad_keys = [str(k) for k in self.optimizer_kwargs if not isinstance(k, str)]
         if bad_keys:
             raise RecipeError(f"recipe key 'optimizer_kwargs': keys must be names, got {bad_keys}")
+        if "pulse" in self.optimizer_kwargs:
+            raise RecipeError("recipe key 'optimizer_kwargs': set the pulse variant with the recipe key 'pulse'")
+        if self.pulse not in emoq.EmoPulse.names():
+            raise RecipeError(f"recipe key 'pulse' must be one of {', '.join(emoq.EmoPulse.names())}, "
+                              f"got {self.pulse!r}")
         try:
-            probe = cls([_probe_param()], **self.optimizer_kwargs)
+            probe = cls([_probe_param()], **self.full_optimizer_kwargs)
         except (TypeError, ValueError, NotImplementedError) as err:
             raise RecipeError(f"recipe key 'optimizer_kwargs': {err}") from None
         from emoq.integrations import scope_problem
@@ -104,6 +110,11 @@ class Recipe:
         if problem:
             raise RecipeError(f"recipe key 'optimizer_kwargs': {problem}")
         return self
+
+    @property
+    def full_optimizer_kwargs(self) -> dict[str, Any]:
+        """``optimizer_kwargs`` with the recipe's ``pulse``: what the optimizer is built with."""
+        return {**self.optimizer_kwargs, "pulse": self.pulse}
 
     @property
     def optimizer_cls(self):

@@ -56,6 +56,24 @@ def plot(history: list[dict[str, Any]], path: Path, title: str, evals: list[tupl
     plt.close(fig)
 
 
+def training_arguments(recipe: Recipe, output_dir: Path, progress: bool = True) -> Any:
+    """The recipe's ``TrainingArguments`` (constant schedule, no checkpoints, CPU when no CUDA)."""
+    from transformers import TrainingArguments
+
+    from emoq.recipes.model import compute_dtype
+
+    dtype = compute_dtype(recipe)
+    return TrainingArguments(
+        output_dir=str(output_dir), per_device_train_batch_size=recipe.batch_size,
+        per_device_eval_batch_size=recipe.eval_batch_size, gradient_accumulation_steps=recipe.grad_accum,
+        max_steps=recipe.max_steps, logging_steps=recipe.logging_steps, lr_scheduler_type="constant",
+        weight_decay=recipe.weight_decay, seed=recipe.seed, report_to=[], save_strategy="no",
+        disable_tqdm=not progress, bf16=dtype == torch.bfloat16 and torch.cuda.is_available(),
+        fp16=dtype == torch.float16 and torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=0, remove_unused_columns=False,
+    )
+
+
 def finetune(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     """Run the recipe; write adapter + metrics.json + loss_pulse.png into ``output_dir``.
 
@@ -65,7 +83,7 @@ def finetune(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     folder and moved into place at the end: a failed or interrupted run leaves nothing
     half-written, and emoq never removes what it did not write (:mod:`emoq.recipes.output`).
     """
-    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers import Trainer, set_seed
 
     from emoq.integrations.transformers import EmoCallback
     from emoq.recipes.data import load_examples, split, tokenize
@@ -93,16 +111,8 @@ def finetune(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
         load_seconds = time.perf_counter() - start
 
         dtype = compute_dtype(recipe)
-        args = TrainingArguments(
-            output_dir=str(work / "trainer"), per_device_train_batch_size=recipe.batch_size,
-            per_device_eval_batch_size=recipe.eval_batch_size, gradient_accumulation_steps=recipe.grad_accum,
-            max_steps=recipe.max_steps, logging_steps=recipe.logging_steps, lr_scheduler_type="constant",
-            weight_decay=recipe.weight_decay, seed=recipe.seed, report_to=[], save_strategy="no",
-            disable_tqdm=not progress, bf16=dtype == torch.bfloat16 and torch.cuda.is_available(),
-            fp16=dtype == torch.float16 and torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(),
-            dataloader_num_workers=0, remove_unused_columns=False,
-        )
-        optimizer_kwargs = dict(recipe.optimizer_kwargs)
+        args = training_arguments(recipe, work / "trainer", progress)
+        optimizer_kwargs = recipe.full_optimizer_kwargs
         trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                           optimizer_cls_and_kwargs=(recipe.optimizer_cls, optimizer_kwargs),
                           callbacks=[EmoCallback(stop_after=recipe.stop_after)])
@@ -121,6 +131,7 @@ def finetune(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
             "recipe": recipe.to_dict(),
             "model": label,
             "optimizer": type(opt).__name__,
+            "pulse": opt.emo_pulse.name,
             "device": "cuda" if torch.cuda.is_available() else "cpu",
             "compute_dtype": str(dtype).replace("torch.", ""),
             "train_examples": len(train_ds), "held_out_examples": len(eval_ds),
@@ -139,7 +150,8 @@ def finetune(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
         }
         (work / "metrics.json").write_text(json.dumps(metrics, indent=1))
         plot(history, work / "loss_pulse.png",
-             f"{type(opt).__name__} on {label}: held-out ppl {before['perplexity']:.2f} → {after['perplexity']:.2f}",
+             f"{type(opt).__name__} (pulse {opt.emo_pulse.name}) on {label}: held-out ppl "
+             f"{before['perplexity']:.2f} → {after['perplexity']:.2f}",
              [(0, before["loss"]), (trainer.state.global_step, after["loss"])])
         shutil.rmtree(work / "trainer", ignore_errors=True)
         output.publish()

@@ -1,0 +1,260 @@
+"""Research candidates for the adaptive pulse (bench/pulse_study.py specs ``... cand:NAME ...``).
+
+Each candidate is an :class:`emoq.EmoPulse` subclass installed into an Emo optimizer in place
+of its pulse; it measures what it needs from the optimizer's parameters itself (full tensors or
+a strided subset), so it can try statistics the library does not compute. The library's
+``pulse="adaptive"`` is the candidate that won (docs/decisions.md); the others stay here so
+the study's negative results can be reproduced.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from emoq.pulse import EmoPulse
+
+
+class Probe:
+    """Strided subset of every parameter: x0, the previous x and an EMA ``s`` of weighted grads."""
+
+    def __init__(self, opt: Any, stride: int = 1) -> None:
+        self.opt, self.stride = opt, stride
+        self.x0: dict[int, torch.Tensor] = {}
+        self.prev: dict[int, torch.Tensor] = {}
+        self.s: dict[int, torch.Tensor] = {}
+
+    def _sub(self, t: torch.Tensor) -> torch.Tensor:
+        flat = t.detach().reshape(-1).float()
+        return flat[:: self.stride] if self.stride > 1 else flat
+
+    def measure(self, weight: float, beta: float) -> dict[str, float]:
+        """Inner products on this step's gradients, before any parameter moves."""
+        out = dict(g_x0=0.0, g_prev=0.0, g2=0.0, g1=0.0, prev2=0.0, s1=0.0, x0d2=0.0, n=0)
+        for group in self.opt.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                key = id(p)
+                g, x = self._sub(p.grad), self._sub(p)
+                if key not in self.x0:
+                    self.x0[key], self.prev[key] = x.clone(), x.clone()
+                    self.s[key] = torch.zeros_like(x)
+                x0, prev, s = self.x0[key], self.prev[key], self.s[key]
+                out["g_x0"] += float(torch.dot(g, x0 - x))
+                out["g_prev"] += float(torch.dot(g, prev - x))
+                out["prev2"] += float((prev - x).square().sum())
+                out["x0d2"] += float((x0 - x).square().sum())
+                out["g2"] += float(g.square().sum())
+                out["g1"] += float(g.abs().sum())
+                s.mul_(beta).add_(g, alpha=weight)
+                out["s1"] += float(s.abs().sum())
+                out["n"] += g.numel()
+                prev.copy_(x)
+        return out
+
+
+class Candidate(EmoPulse, register=False):
+    """Base of the research candidates: v3.8 core plus a probe of the optimizer's parameters."""
+
+    name = "cand"
+
+    def attach(self, opt: Any, **kw: Any) -> None:
+        self.opt = opt
+        self.kw = kw
+        self.probe = Probe(opt, kw.get("stride", 1))
+        self.extra_init()
+
+    def extra_init(self) -> None:
+        pass
+
+
+class Prodigy(Candidate, register=False):
+    """Prodigy's distance estimate for every family: eta = c * d, d = max(d, A / ||s||_1)."""
+
+    name = "cand-prodigy"
+
+    def extra_init(self) -> None:
+        self.dd0 = self.kw.get("d0", 1e-6)
+        self.dist = self.dd0
+        self.num = 0.0
+        self.beta3 = self.kw.get("beta3", math.sqrt(0.995))
+        self.coef = self.kw.get("coef", 1.0)
+
+    def _distance(self, loss: float) -> dict[str, float]:
+        """Core steps 1-6, then Prodigy's distance estimate ``d``; returns the probe's sums."""
+        self._observe(float(loss), None)
+        eta_prev = self.eta if self.eta is not None else self.dist * self.coef
+        w = (self.dist / self.dd0) * eta_prev
+        st = self.probe.measure(w, self.beta3)
+        self.num = self.beta3 * self.num + w * st["g_x0"]
+        if st["s1"] > 0:
+            self.dist = max(self.dist, self.num / st["s1"])
+        return st
+
+    def update(self, loss: float, probe: Any = None) -> float:
+        self._distance(loss)
+        eta = self.coef * self.dist * self.scope * self._guard()
+        self.should_stop = False
+        self.eta = eta
+        self.steps += 1
+        return eta
+
+    def _guard(self) -> float:
+        return 1.0
+
+
+class ProdigyGuard(Prodigy, register=False):
+    """Prodigy estimate times v3.8's hist (the loss-history dynamics) capped at 1."""
+
+    name = "cand-prodigy-hist"
+
+    def _guard(self) -> float:
+        return min(self.hist, 1.0)
+
+
+class HyperCos(Candidate, register=False):
+    """Multiplicative step size: log eta += k * cos(g_k, x_{k-1} - x_k) (hypergradient sign)."""
+
+    name = "cand-hypercos"
+
+    def extra_init(self) -> None:
+        self.log_eta = math.log(self.kw.get("eta0", 1e-4))
+        self.gain = self.kw.get("gain", 0.5)
+        self.c_ema = 0.0
+
+    def update(self, loss: float, probe: Any = None) -> float:
+        self._observe(float(loss), None)
+        st = self.probe.measure(0.0, 0.0)
+        if st["prev2"] > 0 and st["g2"] > 0:
+            cos = st["g_prev"] / math.sqrt(st["g2"] * st["prev2"])
+            self.log_eta += self.gain * cos
+        eta = math.exp(self.log_eta) * self.scope
+        self.should_stop = False
+        self.eta = eta
+        self.steps += 1
+        return eta
+
+
+class DoG(Candidate, register=False):
+    """Distance over gradients for normalised updates: eta = rbar / sqrt(sum of unit step^2).
+
+    ``rbar`` = max RMS distance from the start (subset), unit step = RMS(x_{k-1} - x_k) / eta_{k-1}:
+    grows while the motion is ballistic, settles once it is diffusive, then decays ~ 1/sqrt(t).
+    """
+
+    name = "cand-dog"
+
+    def extra_init(self) -> None:
+        self.r_eps = self.kw.get("r_eps", 1e-4)
+        self.rbar = self.r_eps
+        self.units = 0.0
+        self.coef = self.kw.get("coef", 1.0)
+
+    def update(self, loss: float, probe: Any = None) -> float:
+        self._observe(float(loss), None)
+        st = self.probe.measure(0.0, 0.0)
+        n = max(st["n"], 1)
+        self.rbar = max(self.rbar, math.sqrt(st["x0d2"] / n))
+        if self.eta is not None:
+            self.units += (st["prev2"] / n) / self.eta ** 2
+        eta = self.coef * self.scope * (self.rbar / math.sqrt(self.units) if self.units > 0 else self.r_eps)
+        self.should_stop = False
+        self.eta = eta
+        self.steps += 1
+        return eta
+
+
+class X0Cos(Candidate, register=False):
+    """log eta += gain * (cos(g_k, x0 - x_k) - target): grow while the gradient still points
+    along the way travelled from the start (Prodigy's signal, as a cosine), shrink slowly after."""
+
+    name = "cand-x0cos"
+
+    def extra_init(self) -> None:
+        self.log_eta = math.log(self.kw.get("eta0", 1e-4))
+        self.gain = self.kw.get("gain", 0.3)
+        self.target = self.kw.get("target", 0.0)
+        self.max_change = self.kw.get("max_change", 0.2)
+
+    def update(self, loss: float, probe: Any = None) -> float:
+        self._observe(float(loss), None)
+        st = self.probe.measure(0.0, 0.0)
+        if st["x0d2"] > 0 and st["g2"] > 0:
+            cos = st["g_x0"] / math.sqrt(st["g2"] * st["x0d2"])
+            change = self.gain * (cos - self.target)
+            self.log_eta += max(-self.max_change, min(self.max_change, change))
+        eta = math.exp(self.log_eta) * self.scope
+        self.should_stop = False
+        self.eta = eta
+        self.steps += 1
+        return eta
+
+
+class ProdigyBackoff(Prodigy, register=False):
+    """Prodigy's distance estimate d (the scale) times a factor b <= 1 that the loss noise pulls
+    down and the cosine lets recover: log b += gain * (cos - target) - backoff * rise, log b <= 0."""
+
+    name = "cand-prodigy-backoff"
+
+    def extra_init(self) -> None:
+        super().extra_init()
+        self.log_b = 0.0
+        self.gain = self.kw.get("gain", 1.0)
+        self.target = self.kw.get("target", 0.0)
+        self.backoff = self.kw.get("backoff", 3.0)
+        self.max_change = self.kw.get("max_change", 0.3)
+
+    def update(self, loss: float, probe: Any = None) -> float:
+        st = self._distance(loss)
+        rise = max(0.0, (self.short - self.medium) / max(abs(self.medium), 1e-12))
+        change = -self.backoff * min(rise, 1.0)
+        if st["x0d2"] > 0 and st["g2"] > 0:
+            change += self.gain * (st["g_x0"] / math.sqrt(st["g2"] * st["x0d2"]) - self.target)
+        self.log_b = min(0.0, max(math.log(1e-4), self.log_b + max(-self.max_change, min(self.max_change, change))))
+        eta = self.coef * self.dist * self.scope * math.exp(self.log_b)
+        self.should_stop = False
+        self.eta = eta
+        self.steps += 1
+        return eta
+
+
+CANDIDATES = {c.name[5:]: c for c in (Prodigy, ProdigyGuard, HyperCos, DoG, X0Cos, ProdigyBackoff)}
+
+
+def adaptive_variant(**constants: float) -> type:
+    """The library's adaptive pulse with other constants (GAIN, TARGET, MAX_CHANGE, ETA_MAX, ...)."""
+    from emoq.pulse import EmoPulseAdaptive
+
+    return type("AdaptiveVariant", (EmoPulseAdaptive,), {k.upper(): v for k, v in constants.items()}, register=False)
+
+
+def raw_cosine(base: type, target: float, normalize: bool) -> type:
+    """The adaptive pulse growing on ``cos - target`` (the first design: the raw cosine, no RMS)."""
+
+    def _signal(self: Any, cos: float) -> float:
+        return (base._signal(self, cos) if normalize else cos) - target
+
+    return type("AdaptiveRaw", (base,), {"_signal": _signal}, register=False)
+
+
+def install(opt: Any, spec: str) -> None:
+    """Replace ``opt``'s pulse by the candidate ``spec`` = ``name[,key=value...]``."""
+    name, *pairs = spec.split(",")
+    kw = {k: float(v) for k, v in (pair.split("=") for pair in pairs)}
+    if name == "adaptive":  # the library class, constants overridden
+        # the recorded specs' defaults: the first design (raw cosine, GAIN=1, TARGET=0); the
+        # library's now is normalize=1, gain=0.1 (docs/decisions.md)
+        kw = {"normalize": 0.0, "gain": 1.0, **kw}
+        cls = adaptive_variant(**{k: v for k, v in kw.items() if k not in ("normalize", "target")})
+        if not kw["normalize"] or kw.get("target", 0.0):
+            cls = raw_cosine(cls, kw.get("target", 0.0), bool(kw["normalize"]))
+        opt._pulse = cls(opt._pulse.initial_scope, opt.noise_floor, opt.stop_thresholds)
+        return
+    if "stride" in kw:
+        kw["stride"] = int(kw["stride"])
+    cand = CANDIDATES[name](opt._pulse.initial_scope, opt.noise_floor, opt.stop_thresholds)
+    cand.attach(opt, **kw)
+    opt._pulse = cand

@@ -1,0 +1,365 @@
+"""pulse="adaptive": the probe against a plain computation, the controller's bounds, bit-exact
+resume (pulse alone, optimizer at fp32 and 8bit, scheduler), training, two gloo ranks."""
+
+import io
+import math
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import emoq
+from emoq.probe import STATE_NAME, STRIDE, distance_probe
+from emoq.pulse import EmoPulseAdaptive
+from tests.conftest import make_net, train
+
+FAMILIES = [emoq.EmoSens, emoq.EmoAiry, emoq.EmoCats, emoq.EmoTion]
+A = EmoPulseAdaptive
+
+
+def params_of(net):
+    return [p.detach().clone() for p in net.parameters()]
+
+
+# ---------------------------------------------------------------- the probe
+def test_probe_sums_on_the_strided_subset():
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(*s)) for s in [(130, 7), (61,), (3,), (200,)]]
+    state = {p: {} for p in ps}
+    assert distance_probe(ps, state) == (0.0, 0.0, 0.0)  # first sight: x0 recorded, nothing measured
+    x0 = [p.detach().clone() for p in ps]
+    for p in ps:
+        assert state[p][STATE_NAME].shape == (math.ceil(p.numel() / STRIDE),)
+        with torch.no_grad():
+            p.add_(torch.randn_like(p))
+        p.grad = torch.randn_like(p)
+    got = distance_probe(ps, state)
+    sub = [(p.grad.reshape(-1)[::STRIDE].double(), (x.reshape(-1) - p.detach().reshape(-1))[::STRIDE].double())
+           for p, x in zip(ps, x0)]
+    want = (sum(float(g @ d) for g, d in sub), sum(float(g @ g) for g, _ in sub), sum(float(d @ d) for _, d in sub))
+    assert got == pytest.approx(want, rel=1e-6)
+
+
+def test_probe_memory_is_a_sixty_first(batch):
+    net = make_net()
+    opt = emoq.EmoCats8bit(net.parameters(), pulse="adaptive")
+    train(net, opt, batch, 2)
+    numel = sum(p.numel() for p in net.parameters())
+    probe_bytes = sum(st[STATE_NAME].numel() * 4 for st in opt.state.values())
+    assert probe_bytes / numel < 4 / STRIDE + 0.002  # + one element per small tensor
+    assert all(st[STATE_NAME].dtype == torch.float32 for st in opt.state.values())
+
+
+# ---------------------------------------------------------------- the controller
+probes = st.tuples(st.floats(-1e30, 1e30), st.floats(0, 1e30), st.floats(0, 1e30))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.floats(-1e6, 1e6), probes), min_size=1, max_size=80),
+       st.floats(min_value=1e-3, max_value=1e3))
+def test_eta_is_finite_bounded_and_moves_at_most_max_change(seq, scope):
+    pulse = A(scope)
+    last = None
+    for loss, probe in seq:
+        eta = pulse.update(loss, probe)
+        assert math.isfinite(eta) and 1e-8 <= eta <= scope * A.ETA_MAX
+        if last is not None and 1e-8 < eta < scope * A.ETA_MAX and 1e-8 < last < scope * A.ETA_MAX:
+            assert abs(math.log(eta / last)) <= A.MAX_CHANGE + 1e-12
+        last = eta
+
+
+def test_grows_while_the_gradient_follows_the_travel_and_shrinks_after():
+    pulse = A(2.0)
+    eta0 = pulse.update(1.0, (0.0, 0.0, 0.0))
+    assert eta0 == pytest.approx(2.0 * A.ETA0)
+    etas = [pulse.update(1.0, (0.5, 1.0, 1.0)) for _ in range(10)]  # cos = 0.5: steady, signal -> 1
+    assert all(b > a for a, b in zip([eta0, *etas], etas))
+    assert math.log(etas[-1] / etas[-2]) == pytest.approx(A.GAIN * pulse.cos_m / math.sqrt(pulse.cos_v))
+    high = etas[-1]
+    etas = [pulse.update(1.0, (-0.5, 1.0, 1.0)) for _ in range(30)]  # cos = -0.5: shrinks once its EMA turns
+    assert etas[-1] < high
+    turn = next(i for i, (a, b) in enumerate(zip(etas, etas[1:])) if b < a)
+    assert all(b < a for a, b in zip(etas[turn:], etas[turn + 1:]))
+    for _ in range(2000):
+        eta = pulse.update(1.0, (1.0, 1.0, 1.0))
+    assert eta == 2.0 * A.ETA_MAX and not math.isinf(pulse.log_eta)
+
+
+def test_backs_off_when_the_loss_rises():
+    pulse = A()
+    for _ in range(30):
+        pulse.update(1.0, (1.0, 1.0, 1.0))
+    before = pulse.eta
+    eta = pulse.update(3.0, (1.0, 1.0, 1.0))  # a spike: fast EMA 1.6 over medium 1.1
+    assert math.log(eta / before) == pytest.approx(-A.MAX_CHANGE)
+
+
+# the pulse's inputs at their extremes: huge, tiny, zero, negative and constant losses, any finite probe
+extreme_losses = st.one_of(st.floats(min_value=-1e300, max_value=1e300), st.floats(min_value=1e-300, max_value=1e-30),
+                           st.just(0.0), st.floats(min_value=0.0, max_value=10.0))
+finite_probes = st.tuples(st.floats(-1e300, 1e300), st.floats(0, 1e300), st.floats(0, 1e300))
+BOUNDS = {"v3.8": lambda scope: (1e-6, 3e-3), "v3.9": lambda scope: (1e-8, 3e-3 * scope),
+          "adaptive": lambda scope: (1e-8, A.ETA_MAX * scope)}
+
+
+@pytest.mark.parametrize("name", sorted(BOUNDS))
+@settings(max_examples=150, deadline=None)
+@given(seq=st.one_of(st.lists(st.tuples(extreme_losses, finite_probes), min_size=1, max_size=60),
+                     st.tuples(extreme_losses, finite_probes, st.integers(1, 200)).map(lambda t: [t[:2]] * t[2])),
+       scope=st.floats(min_value=1e-3, max_value=1e3))
+def test_every_variant_keeps_eta_finite_and_in_its_bounds(name, seq, scope):
+    pulse = emoq.EmoPulse(scope, pulse=name)
+    for loss, probe in seq:
+        eta = pulse.update(loss, probe)
+        low, high = BOUNDS[name](pulse.scope)  # v3.8's stop signal may reset the scope to 1
+        assert math.isfinite(eta) and low <= eta <= high * (1 + 1e-12)
+        assert all(v is None or not isinstance(v, float) or math.isfinite(v) for v in pulse.state_dict().values())
+
+
+def test_stop_signal_when_annealed():
+    pulse = A()
+    for _ in range(20):
+        pulse.update(1.0, (1.0, 1.0, 1.0))
+    assert not pulse.should_stop
+    while not pulse.should_stop:
+        pulse.update(1.0, (-1.0, 1.0, 1.0))
+    assert pulse.eta <= math.exp(pulse.log_peak) * A.STOP_RATIO * (1 + 1e-9)
+
+
+@pytest.mark.parametrize("probe", [None, (1.0, 2.0), (float("nan"), 1.0, 1.0), (0.0, float("inf"), 1.0)])
+def test_needs_a_finite_probe(probe):
+    pulse = A()
+    with pytest.raises(ValueError, match="needs its probe"):
+        pulse.update(1.0, probe)
+    assert pulse.steps == 0 and pulse.short is None
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.floats(0, 10), probes), min_size=2, max_size=40), st.data())
+def test_resumes_bit_exactly(seq, data):
+    cut = data.draw(st.integers(min_value=1, max_value=len(seq) - 1))
+    full = A(3.0)
+    want = [full.update(*x) for x in seq]
+    first = A(3.0)
+    for x in seq[:cut]:
+        first.update(*x)
+    resumed = A(3.0)
+    resumed.load_state_dict(first.state_dict())
+    assert [resumed.update(*x) for x in seq[cut:]] == want[cut:]
+    assert resumed.state_dict() == full.state_dict()
+
+
+# ---------------------------------------------------------------- through the optimizer
+@pytest.mark.parametrize("cls", FAMILIES)
+@pytest.mark.parametrize("precision", ["fp32", "8bit"])
+def test_optimizer_resumes_bit_exactly(cls, precision, batch, monkeypatch):
+    monkeypatch.setenv("EMOQ_COMPILE", "0")
+    kw = dict(state_precision=precision, min_lowbit_size=0, pulse="adaptive")
+    net = make_net()
+    opt = cls(net.parameters(), **kw)
+    train(net, opt, batch, 12)
+    want, want_sd = params_of(net), opt.emo_pulse.state_dict()
+
+    net = make_net()
+    opt = cls(net.parameters(), **kw)
+    train(net, opt, batch, 5)
+    buf = io.BytesIO()
+    torch.save({"model": net.state_dict(), "optim": opt.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    net2 = make_net(seed=7)
+    net2.load_state_dict(ckpt["model"])
+    opt2 = cls(net2.parameters(), **kw)
+    opt2.load_state_dict(ckpt["optim"])
+    train(net2, opt2, batch, 7, start=5)
+    assert opt2.emo_pulse.state_dict() == want_sd
+    assert all(torch.equal(a, b) for a, b in zip(params_of(net2), want))
+
+
+@pytest.mark.parametrize("cls", FAMILIES)
+def test_trains_at_lr_one_without_tuning(cls, batch):
+    net = make_net()
+    opt = cls(net.parameters(), pulse="adaptive")
+    losses = train(net, opt, batch, 60)
+    assert all(math.isfinite(x) for x in losses) and opt.skipped_steps == 0
+    assert sum(losses[-8:]) / 8 < 0.5 * sum(losses[:4]) / 4
+    assert opt.pulse > A.ETA0  # it found a larger scale than its start
+
+
+def test_skipped_step_leaves_probe_and_pulse_alone(batch):
+    net = make_net()
+    opt = emoq.EmoSens(net.parameters(), pulse="adaptive")
+    train(net, opt, batch, 3)
+    pulse = opt.emo_pulse.state_dict()
+    probe = {k: v[STATE_NAME].clone() for k, v in opt.state.items()}
+    next(net.parameters()).grad.fill_(float("nan"))
+    with pytest.warns(RuntimeWarning):
+        opt.step(loss=1.0)
+    assert opt.emo_pulse.state_dict() == pulse
+    assert all(torch.equal(opt.state[k][STATE_NAME], v) for k, v in probe.items())
+
+
+def test_scheduler_resumes_bit_exactly(batch):
+    def run(steps, start=0, sd=None):
+        torch.manual_seed(0)
+        net = make_net()
+        if sd is not None:
+            net.load_state_dict(sd["model"])
+        sgd = torch.optim.SGD(net.parameters(), lr=0.0, momentum=0.9)
+        sched = emoq.EmoPulseScheduler(sgd, scope=30.0, pulse="adaptive")
+        if sd is not None:
+            sgd.load_state_dict(sd["sgd"])
+            sched.load_state_dict(sd["sched"])
+        x, y = batch
+        for i in range(start, start + steps):
+            sgd.zero_grad()
+            loss = F.cross_entropy(net(x[i % 4 * 8:i % 4 * 8 + 8]), y[i % 4 * 8:i % 4 * 8 + 8])
+            loss.backward()
+            sched.step(loss)
+            sgd.step()
+        return net, sgd, sched
+
+    net, _, sched = run(10)
+    net_a, sgd_a, sched_a = run(4)
+    buf = io.BytesIO()
+    torch.save({"model": net_a.state_dict(), "sgd": sgd_a.state_dict(), "sched": sched_a.state_dict()}, buf)
+    buf.seek(0)
+    net_b, _, sched_b = run(6, start=4, sd=torch.load(buf, weights_only=True))
+    assert sched_b.pulse.state_dict() == sched.pulse.state_dict()
+    assert all(torch.equal(a, b) for a, b in zip(params_of(net_b), params_of(net)))
+
+
+# ---------------------------------------------------------------- two gloo ranks
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+
+
+def _data(step):
+    g = torch.Generator().manual_seed(step)
+    return torch.randn(16, 32, generator=g), torch.randint(0, 4, (16,), generator=g)
+
+
+def _worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        net = _net()
+        ddp = torch.nn.parallel.DistributedDataParallel(net)
+        opt = emoq.EmoSens(ddp.parameters(), pulse="adaptive")
+        pulses = []
+        for step in range(10):
+            x, y = _data(step)
+            x, y = x[rank * 8:rank * 8 + 8], y[rank * 8:rank * 8 + 8]  # each rank half of the batch
+            opt.zero_grad()
+            loss = F.cross_entropy(ddp(x), y)
+            loss.backward()
+            opt.step(loss=loss)
+            pulses.append(opt.pulse)
+        torch.save({"pulses": pulses, "params": params_of(net)}, f"{out_dir}/rank{rank}.pt")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_take_the_step_of_the_whole_batch(tmp_path):
+    # DDP averages gradients and emoq the loss, and the probe's all-reduced sums give the same
+    # cosine as one process on the whole batch: both ranks and the single process agree.
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["pulses"] == r1["pulses"]
+    assert all(torch.equal(a, b) for a, b in zip(r0["params"], r1["params"]))
+    net = _net()
+    opt = emoq.EmoSens(net.parameters(), pulse="adaptive")
+    for step in range(10):
+        x, y = _data(step)
+        opt.zero_grad()
+        loss = F.cross_entropy(net(x), y)
+        loss.backward()
+        opt.step(loss=loss)
+        assert opt.pulse == pytest.approx(r0["pulses"][step], rel=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(params_of(net), r0["params"]))
+
+
+# ---------------------------------------------------------------- hostile checkpoints
+def _corrupt_probe(sd, how):
+    pid = next(iter(sd["state"]))
+    x0 = sd["state"][pid][STATE_NAME]
+    if how == "nan":
+        x0[0] = float("nan")
+    elif how == "shape":
+        sd["state"][pid][STATE_NAME] = torch.zeros(x0.numel() + 1)
+    elif how == "type":
+        sd["state"][pid][STATE_NAME] = [0.0] * x0.numel()
+    return sd
+
+
+@pytest.mark.parametrize("how", ["nan", "shape", "type"])
+def test_a_corrupted_probe_is_refused_and_changes_nothing(how, batch):
+    net = make_net()
+    opt = emoq.EmoSens(net.parameters(), pulse="adaptive")
+    train(net, opt, batch, 3)
+    target = emoq.EmoSens(make_net().parameters(), pulse="adaptive")
+    train(make_net(), target, batch, 0)
+    before = target.state_dict()
+    with pytest.raises(ValueError, match=STATE_NAME):
+        target.load_state_dict(_corrupt_probe(opt.state_dict(), how))
+    assert target.state_dict()["emo"] == before["emo"] and not target.state
+
+
+def test_a_probe_in_a_v38_checkpoint_is_refused(batch):
+    net = make_net()
+    opt = emoq.EmoSens(net.parameters(), pulse="adaptive")
+    train(net, opt, batch, 3)
+    sd = opt.state_dict()
+    sd["emo"]["pulse"] = emoq.EmoSens(make_net().parameters()).emo_pulse.state_dict()  # a v3.8 pulse
+    with pytest.raises(ValueError, match="kept by no pulse but 'adaptive'"):
+        emoq.EmoSens(make_net().parameters()).load_state_dict(sd)
+
+
+@pytest.mark.parametrize("bad", [
+    {"probe": {99: {STATE_NAME: torch.zeros(1)}}}, {"probe": {"0": {STATE_NAME: torch.zeros(1)}}},
+    {"probe": {0: {STATE_NAME: torch.zeros(2)}}}, {"probe": {0: {"x": torch.zeros(1)}}},
+    {"skipped_steps": -1}, {"pulse": {"pulse": "v3.8"}}])
+def test_scheduler_refuses_a_bad_state_and_changes_nothing(bad, batch):
+    net = make_net()
+    sgd = torch.optim.SGD(net.parameters(), lr=0.0)
+    sched = emoq.EmoPulseScheduler(sgd, pulse="adaptive")
+    x, y = batch
+    F.cross_entropy(net(x[:8]), y[:8]).backward()
+    sched.step(1.0)
+    before = sched.state_dict()
+    with pytest.raises((ValueError, KeyError)):
+        sched.load_state_dict({**before, **bad})
+    after = sched.state_dict()
+    assert after["pulse"] == before["pulse"] and after["skipped_steps"] == before["skipped_steps"]
+    assert all(torch.equal(after["probe"][i][STATE_NAME], v[STATE_NAME]) for i, v in before["probe"].items())
+
+
+# ---------------------------------------------------------------- recipes
+def test_recipe_pulse_key_reaches_the_optimizer():
+    from emoq.recipes.config import Recipe, RecipeError
+
+    recipe = Recipe(optimizer="EmoCats", pulse="adaptive").validate()
+    assert recipe.full_optimizer_kwargs == {"pulse": "adaptive"}
+    assert recipe.optimizer_cls([torch.nn.Parameter(torch.ones(2))], **recipe.full_optimizer_kwargs).emo_pulse.name \
+        == "adaptive"
+    assert Recipe().pulse == "v3.8"
+    with pytest.raises(RecipeError, match="recipe key 'pulse'"):
+        Recipe(pulse="v4").validate()
+    with pytest.raises(RecipeError, match="recipe key 'pulse'"):
+        Recipe(optimizer_kwargs={"pulse": "v3.9"}).validate()
