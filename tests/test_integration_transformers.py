@@ -31,7 +31,7 @@ def qlora_model(path):
                                                  task_type="CAUSAL_LM"))
 
 
-def make_trainer(path, tmp_path, callbacks=(), trainer_cls=None, optimizer=None, **overrides):
+def make_trainer(path, tmp_path, callbacks=(), trainer_cls=None, optimizer=None, pulse="v3.8", **overrides):
     from transformers import AutoTokenizer, Trainer, TrainingArguments
 
     model = qlora_model(path)
@@ -42,7 +42,7 @@ def make_trainer(path, tmp_path, callbacks=(), trainer_cls=None, optimizer=None,
     args = TrainingArguments(**kw)
     ds = tokenized_dataset(AutoTokenizer.from_pretrained(path))
     opt_kw = {"optimizers": (optimizer(model), None)} if optimizer else \
-        {"optimizer_cls_and_kwargs": (emoq.EmoAiry8bit, {})}
+        {"optimizer_cls_and_kwargs": (emoq.EmoAiry8bit, {"pulse": pulse})}
     return (trainer_cls or Trainer)(model=model, args=args, train_dataset=ds, callbacks=list(callbacks), **opt_kw)
 
 
@@ -147,15 +147,16 @@ def test_logging_every_n_steps_averages_like_the_trainer(tiny_dir, tmp_path):
         assert entry["emo_loss"] == pytest.approx(entry["loss"], rel=1e-6)
 
 
-def test_trainer_checkpoint_resume_keeps_the_pulse(tiny_dir, tmp_path):
+@pytest.mark.parametrize("pulse", ["v3.8", "adaptive"])
+def test_trainer_checkpoint_resume_keeps_the_pulse(tiny_dir, tmp_path, pulse):
     trainer = make_trainer(tiny_dir, tmp_path, callbacks=[EmoCallback()], max_steps=4, save_strategy="steps",
-                           save_steps=2)
+                           save_steps=2, pulse=pulse)
     full = train_logs(trainer)
     resumed = make_trainer(tiny_dir, tmp_path, callbacks=[EmoCallback()], max_steps=4, save_strategy="steps",
-                           save_steps=2)
+                           save_steps=2, pulse=pulse)
     resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
     opt = resumed.optimizer.optimizer
-    assert opt.emo_pulse.steps == 4  # 2 restored + 2 new: the pulse history came back with the checkpoint
+    assert opt.emo_pulse.steps == 4 and opt.emo_pulse.name == pulse  # 2 restored + 2 new: history came back
     tail = [h for h in resumed.state.log_history if "loss" in h and h["step"] > 2]
     assert [h["emo_pulse"] for h in tail] == [h["emo_pulse"] for h in full[2:]]
 
