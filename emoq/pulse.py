@@ -317,7 +317,7 @@ class EmoPulseAdaptive(EmoPulse):
         signal = ema_0.9(c) / sqrt(ema_0.99(c**2))   # c's mean over its spread: about +-1 when c is steady
         rise   = max(0, (s - m) / |m|)            # fast loss EMA above the medium one (SPEC step 1)
         log_eta += clamp(GAIN * signal - BACKOFF * min(rise, 1), -MAX_CHANGE, MAX_CHANGE)
-        eta    = clamp(scope * exp(log_eta), 1e-8, scope * ETA_MAX)
+        eta    = max(min(scope * exp(log_eta), scope * ETA_MAX), 1e-8)
 
     - While the gradient still points along the way the weights travelled from the start (the
       signal D-Adaptation and Prodigy accumulate), the steps are too small: eta grows, up to
@@ -384,12 +384,14 @@ class EmoPulseAdaptive(EmoPulse):
         self.log_eta += max(-self.MAX_CHANGE, min(self.MAX_CHANGE, change))
         # bounds in log space too, so it can never run away: at most ETA_MAX, at least
         # STOP_RATIO of the peak reached so far (annealed, not stopped), never below 1e-8
-        floor = max(math.log(1e-8 / self.scope), self.log_peak + math.log(self.STOP_RATIO))
-        self.log_eta = max(floor, min(math.log(self.ETA_MAX), self.log_eta))
+        ceiling = math.log(self.ETA_MAX)
+        floor = min(ceiling, max(math.log(1e-8) - math.log(self.scope), self.log_peak + math.log(self.STOP_RATIO)))
+        self.log_eta = max(floor, min(ceiling, self.log_eta))
         self.log_peak = max(self.log_peak, self.log_eta)
 
     def _step_size(self) -> float:
-        return min(max(self.scope * math.exp(self.log_eta), 1e-8), self.scope * self.ETA_MAX)
+        # as v3.9: min with the upper bound first, then the 1e-8 floor (which wins for a scope < 1e-7)
+        return max(min(self.scope * math.exp(self.log_eta), self.scope * self.ETA_MAX), 1e-8)
 
     def _stop_signal(self) -> bool:
         return self.log_eta <= self.log_peak + math.log(self.STOP_RATIO) + 1e-9

@@ -104,15 +104,15 @@ def test_backs_off_when_the_loss_rises():
 extreme_losses = st.one_of(st.floats(min_value=-1e300, max_value=1e300), st.floats(min_value=1e-300, max_value=1e-30),
                            st.just(0.0), st.floats(min_value=0.0, max_value=10.0))
 finite_probes = st.tuples(st.floats(-1e300, 1e300), st.floats(0, 1e300), st.floats(0, 1e300))
-BOUNDS = {"v3.8": lambda scope: (1e-6, 3e-3), "v3.9": lambda scope: (1e-8, 3e-3 * scope),
-          "adaptive": lambda scope: (1e-8, A.ETA_MAX * scope)}
+BOUNDS = {"v3.8": lambda scope: (1e-6, 3e-3), "v3.9": lambda scope: (1e-8, max(3e-3 * scope, 1e-8)),
+          "adaptive": lambda scope: (1e-8, max(A.ETA_MAX * scope, 1e-8))}
 
 
 @pytest.mark.parametrize("name", sorted(BOUNDS))
 @settings(max_examples=150, deadline=None)
 @given(seq=st.one_of(st.lists(st.tuples(extreme_losses, finite_probes), min_size=1, max_size=60),
                      st.tuples(extreme_losses, finite_probes, st.integers(1, 200)).map(lambda t: [t[:2]] * t[2])),
-       scope=st.floats(min_value=1e-3, max_value=1e3))
+       scope=st.one_of(st.floats(min_value=1e-3, max_value=1e3), st.floats(min_value=5e-324, max_value=1e300)))
 def test_every_variant_keeps_eta_finite_and_in_its_bounds(name, seq, scope):
     pulse = emoq.EmoPulse(scope, pulse=name)
     for loss, probe in seq:
