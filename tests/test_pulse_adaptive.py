@@ -156,8 +156,8 @@ def test_resumes_bit_exactly(seq, data):
 
 
 # ---------------------------------------------------------------- through the optimizer
-@pytest.mark.parametrize("cls", FAMILIES)
-@pytest.mark.parametrize("precision", ["fp32", "8bit"])
+@pytest.mark.parametrize("cls,precision", [(emoq.EmoSens, "fp32"), (emoq.EmoAiry, "8bit"), (emoq.EmoCats, "8bit"),
+                                           (emoq.EmoTion, "fp32")])  # every family, both kinds of state
 def test_optimizer_resumes_bit_exactly(cls, precision, batch, monkeypatch):
     monkeypatch.setenv("EMOQ_COMPILE", "0")
     kw = dict(state_precision=precision, min_lowbit_size=0, pulse="adaptive")
