@@ -12,8 +12,8 @@ Two things only (docs/distributed.md):
   all-reduced over the shard group), and the ``DTensor`` form of each state for ``state_dict`` /
   ``torch.distributed.checkpoint``.
 
-A plain tensor (single process, DDP) gets :data:`LOCAL`: everything is the identity and no
-collective runs, so the single-process path is untouched.
+A plain tensor (single process, DDP) gets a :class:`Layout` without shards: everything is the
+identity and no collective runs, so the single-process path is untouched.
 """
 
 from __future__ import annotations
@@ -70,16 +70,17 @@ class ShardSum:
     rank joins; an empty shard adds zeros). Compared and hashed by its group, so every parameter
     sharded over the same group shares the engine's compiled functions."""
 
-    __slots__ = ("group",)
+    __slots__ = ("group", "_key")
 
     def __init__(self, group: Any) -> None:
         self.group = group
+        self._key = getattr(group, "group_name", None) or id(group)  # unique per process group
 
     def __eq__(self, other: object) -> bool:
-        return type(other) is ShardSum and other.group is self.group
+        return type(other) is ShardSum and other._key == self._key
 
     def __hash__(self) -> int:
-        return hash((ShardSum, id(self.group)))
+        return hash((ShardSum, self._key))
 
     def __repr__(self) -> str:
         return f"ShardSum(group of {dist.get_world_size(self.group)})"
