@@ -122,24 +122,24 @@ def _summary(trainer) -> dict:
 
 
 def run_cli(tiny: Path, out: Path) -> dict:
-    """``emoq finetune`` as under ``torchrun -m emoq.cli``: count the output folders this process made."""
+    """``emoq finetune`` as under ``torchrun -m emoq.cli``: the output folders this process made
+    (``emoq.recipes.output.OutputDir``: the partial directory that becomes the output)."""
     import contextlib
     import io
-    import tempfile
 
     from emoq.cli import main as cli_main
+    from emoq.recipes import output
 
     rank = int(os.environ.get("RANK", "0"))
     recipe = out / f"tiny-rank{rank}.yaml"
     recipe.write_text("# everything from --set\n")
-    made, mkdtemp = [], tempfile.mkdtemp
+    made, init = [], output.OutputDir.__init__
 
-    def counting_mkdtemp(*args, **kwargs):
-        path = mkdtemp(*args, **kwargs)
-        made.append(path)
-        return path
+    def counting_init(self, path, *args, **kwargs):
+        made.append(str(path))
+        return init(self, path, *args, **kwargs)
 
-    tempfile.mkdtemp = counting_mkdtemp
+    output.OutputDir.__init__ = counting_init
     printed = io.StringIO()
     try:
         with contextlib.redirect_stdout(printed):
@@ -148,7 +148,7 @@ def run_cli(tiny: Path, out: Path) -> dict:
                              "max_train_samples=24", "--set", "seq_len=128", "--set", "eval_batch_size=4", "--set",
                              "batch_size=2", "--set", "grad_accum=2"])
     finally:
-        tempfile.mkdtemp = mkdtemp
+        output.OutputDir.__init__ = init
     return {"code": code, "made": [p for p in made if "cli-run" in p], "printed": printed.getvalue()}
 
 

@@ -16,6 +16,7 @@ import pytest
 pytest.importorskip("transformers")
 pytest.importorskip("trl")
 
+from emoq.recipes.output import MARKER  # noqa: E402
 from tests.tiny_llm import save_tiny_llama  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,7 +99,7 @@ def test_finetune_cli_writes_only_on_rank_0(two_processes):
     assert len(r0["made"]) == 1 and r1["made"] == []  # only the main process made the output folder
     assert "held-out loss" in r0["printed"] and r1["printed"] == ""
     run = out / "cli-run"
-    assert sorted(p.name for p in run.iterdir()) == ["adapter", "loss_pulse.png", "metrics.json"]
+    assert sorted(p.name for p in run.iterdir()) == [MARKER, "adapter", "loss_pulse.png", "metrics.json"]
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["processes"] == 2 and metrics["main_process"] and metrics["steps"] == 2
