@@ -23,6 +23,8 @@ def _finetune(args: argparse.Namespace) -> int:
     except RecipeError as err:
         print(f"emoq finetune: error: {err}", file=sys.stderr)
         return 2
+    if not metrics["main_process"]:  # torchrun / accelerate launch: the main process reports
+        return 0
     before, after = metrics["eval_before"], metrics["eval_after"]
     print(f"optimizer {metrics['optimizer']}, {metrics['steps']} steps on {metrics['train_examples']} examples "
           f"({metrics['device']}, {metrics['compute_dtype']})")

@@ -70,6 +70,11 @@ class Extent(NamedTuple):
     shape: tuple[int, ...]
     sum_shards: Callable[[Tensor], Tensor] = _no_shards
 
+    @property
+    def sharded(self) -> bool:
+        """Whether the rows are split over ranks (``sum_shards`` is a collective)."""
+        return self.sum_shards is not _no_shards
+
 
 class StateLayout(NamedTuple):
     """How one state is stored: precision, sign (unsigned states are kept as square roots) and shape."""

@@ -286,11 +286,23 @@ class StateStorage:
             kparts += [q] + ([] if table is None else [table])
         return kparts, views
 
-    def zeros(self, shape: torch.Size | tuple[int, ...], *, signed: bool, device: torch.device) -> Tensor:
-        """A new zero state. ``signed=False`` marks a state that is never negative."""
+    @property
+    def block(self) -> int | None:
+        """Elements per quantization block (``None`` for fp32 / bf16)."""
+        return BLOCK_SIZE.get(self.precision)
+
+    def zeros(self, shape: torch.Size | tuple[int, ...], *, signed: bool, device: torch.device,
+              quantize: bool | None = None) -> Tensor:
+        """A new zero state. ``signed=False`` marks a state that is never negative.
+
+        ``quantize`` overrides the size rule (:meth:`uses_lowbit`) where the caller decided it,
+        e.g. for a shard from the shape of the whole tensor (emoq.distributed); it has no effect
+        at fp32 / bf16.
+        """
         shape = tuple(int(s) for s in shape)
         numel = math.prod(shape)
-        if not self.uses_lowbit(numel):
+        lowbit = self.uses_lowbit(numel) if quantize is None else (bool(quantize) and self.precision in LOWBIT)
+        if not lowbit:
             dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
             return torch.zeros(shape, dtype=dtype, device=device)
         block = BLOCK_SIZE[self.precision]
@@ -333,44 +345,72 @@ class StateStorage:
             state.copy_(work)
 
     # -------------------------------------------------------------- checkpoints
-    def export(self, state: Tensor) -> Tensor | dict[str, Any]:
+    def export(self, state: Tensor) -> Tensor | dict[str, Tensor]:
         """A plain value for ``state_dict()`` (loadable with ``torch.load(weights_only=True)``).
 
         fp32/bf16 states are returned as they are. A low-bit state is exported as its own
-        bytes: ``{"precision", "signed", "shape", "codes", "scale"}`` (plain tensors, same size
-        as in memory); the map is implied by precision and sign.
+        bytes, tensors only (same size as in memory): ``codes`` (uint8; fp8 codes as their
+        bytes), ``scale`` (fp32), ``precision`` (0-dim int8: the index in ``LOWBIT``, i.e.
+        0 8bit, 1 4bit, 2 fp8), ``signed`` (0-dim bool) and ``shape`` (int64). The map follows
+        from precision and sign. Tensors only, and no float8: ``torch.distributed.checkpoint``
+        loads tensors in place but writes other values nested under an optimizer's integer
+        state keys back under string keys, its flattened optimizer format takes tensors only,
+        and gloo cannot gather float8 (torch 2.13).
         """
         if not is_lowbit(state):
             return state
         codes, scale, _ = parts(state)
-        return {"precision": precision_of(state), "signed": bool(state.signed), "shape": list(state.shape),
-                "codes": codes.detach().clone(), "scale": scale.detach().clone()}
+        return {"codes": codes.detach().view(torch.uint8).clone(), "scale": scale.detach().clone(),
+                "precision": torch.tensor(LOWBIT.index(precision_of(state)), dtype=torch.int8),
+                "signed": torch.tensor(bool(state.signed)), "shape": torch.tensor(list(state.shape), dtype=torch.int64)}
 
-    def import_(self, value: Tensor | dict[str, Any], *, signed: bool, device: torch.device) -> Tensor:
+    @staticmethod
+    def saved_layout(value: dict[str, Any]) -> tuple[str, bool, tuple[int, ...]]:
+        """``(precision, signed, shape)`` of an exported low-bit state (this format, or emoq 0.1's:
+        precision, sign and shape as Python values, fp8 codes as float8). ``ValueError`` if malformed."""
+        prec, signed, shape = value["precision"], value["signed"], value["shape"]
+        if isinstance(prec, Tensor) and prec.numel() == 1 and not prec.is_floating_point() and prec.dtype != torch.bool:
+            index = int(prec.item())
+            prec = LOWBIT[index] if 0 <= index < len(LOWBIT) else f"index {index}"
+        if isinstance(signed, Tensor) and signed.numel() == 1 and signed.dtype == torch.bool:
+            signed = bool(signed.item())
+        if isinstance(shape, Tensor) and shape.dim() == 1 and shape.dtype == torch.int64:
+            shape = shape.tolist()
+        if not (isinstance(prec, str) and prec in LOWBIT):
+            raise ValueError(f"unknown precision {prec!r} (known: {', '.join(LOWBIT)})")
+        if not isinstance(signed, bool):
+            raise ValueError(f"a malformed sign {signed!r}")
+        if not (isinstance(shape, (list, tuple)) and all(isinstance(n, int) and n >= 0 for n in shape)):
+            raise ValueError(f"a malformed shape {shape!r}")
+        return prec, signed, tuple(shape)
+
+    def import_(self, value: Tensor | dict[str, Any], *, signed: bool, device: torch.device,
+                quantize: bool | None = None) -> Tensor:
         """A stored state built from a checkpoint value saved at any supported precision.
 
-        Same precision and sign: the codes are copied (bit-exact resume). Otherwise the saved
-        value is dequantized to fp32 and re-stored at this storage's precision.
+        Same precision and sign: the codes are copied (bit-exact resume; codes and scales may
+        come in any shape with the right number of elements, e.g. the row-aligned layout of a
+        sharded checkpoint). Otherwise the saved value is dequantized to fp32 and re-stored at
+        this storage's precision. ``quantize`` as in :meth:`zeros`.
         """
         if isinstance(value, dict):
-            shape = tuple(int(s) for s in value["shape"])
-            prec, vsigned = value["precision"], bool(value["signed"])
-            if prec not in LOWBIT:
-                raise ValueError(f"unknown saved state precision {prec!r}")
-            state = None
-            if prec == self.precision and vsigned == signed and self.uses_lowbit(math.prod(shape)):
-                state = self.zeros(shape, signed=signed, device=device)
+            prec, vsigned, shape = self.saved_layout(value)
+            numel = math.prod(shape)
+            lowbit = self.uses_lowbit(numel) if quantize is None else bool(quantize)
+            if prec == self.precision and vsigned == signed and lowbit:
+                state = self.zeros(shape, signed=signed, device=device, quantize=True)
                 c, s, _ = parts(state)
-                if c.shape == value["codes"].shape and s.shape == value["scale"].shape:
-                    c.copy_(value["codes"].to(device))
-                    s.copy_(value["scale"].to(device))
+                if c.numel() == value["codes"].numel() and s.numel() == value["scale"].numel():
+                    c.view(torch.uint8).copy_(value["codes"].to(device).view(torch.uint8).reshape(c.shape))
+                    s.copy_(value["scale"].to(device).reshape(s.shape))
                     return state
             q = torch.tensor(qmap(prec, vsigned), dtype=torch.float32, device=device) if prec != "fp8" else None
-            codes = value["codes"].to(device)
-            full = dequantize_parts(prec, vsigned, codes, value["scale"].to(device), q, math.prod(shape))
+            codes = value["codes"].to(device).reshape(-1)
+            codes = codes.view(FP8) if prec == "fp8" else codes
+            full = dequantize_parts(prec, vsigned, codes, value["scale"].to(device).reshape(-1), q, numel)
             value = full.view(shape)
         value = value.detach().to(device=device)
-        state = self.zeros(value.shape, signed=signed, device=device)
+        state = self.zeros(value.shape, signed=signed, device=device, quantize=quantize)
         if is_lowbit(state):
             self.store(state, value.float())
         else:  # saturate: an fp32 value above bf16's largest would round to inf
@@ -383,7 +423,8 @@ def check_saved_state(value: Any, shape: tuple[int, ...], signed: bool, plain_on
     ``shape``, as words to follow "state 'v' of parameter 3"; ``None`` if it can.
 
     Checks the shape, the dtype, the layout of a low-bit value (codes and scales of the right
-    size, the sign the state is stored with) and that every value is finite.
+    size, the sign the state is stored with) and that every value is finite. Low-bit values of
+    emoq 0.1 (precision, sign and shape as Python values, fp8 codes as float8) pass too.
     """
     shape = tuple(int(s) for s in shape)
     if isinstance(value, Tensor):
@@ -397,26 +438,27 @@ def check_saved_state(value: Any, shape: tuple[int, ...], signed: bool, plain_on
     keys = {"precision", "signed", "shape", "codes", "scale"}
     if plain_only or not isinstance(value, dict) or set(value) != keys:
         return "is neither a tensor nor a saved low-bit state " + ("" if plain_only else f"(a dict of {sorted(keys)})")
-    prec, codes, scale = value["precision"], value["codes"], value["scale"]
-    if prec not in LOWBIT:
-        return f"has unknown precision {prec!r} (known: {', '.join(LOWBIT)})"
-    if not (isinstance(value["shape"], (list, tuple)) and all(isinstance(s, int) for s in value["shape"])):
-        return f"has a malformed shape {value['shape']!r}"
-    if tuple(value["shape"]) != shape:
-        return f"has shape {tuple(value['shape'])}, expected {shape}"
-    if not isinstance(value["signed"], bool) or value["signed"] != signed:
-        return f"is stored with signed={value['signed']!r}, expected {signed} (a state of another family?)"
+    try:
+        prec, saved_signed, saved_shape = StateStorage.saved_layout(value)
+    except ValueError as err:
+        return f"has {err}"
+    codes, scale = value["codes"], value["scale"]
+    if saved_shape != shape:
+        return f"has shape {saved_shape}, expected {shape}"
+    if saved_signed != signed:
+        return f"is stored with signed={saved_signed!r}, expected {signed} (a state of another family?)"
     if not (isinstance(codes, Tensor) and isinstance(scale, Tensor)):
         return "has codes or scale that are not tensors"
     numel, block = math.prod(shape), BLOCK_SIZE[prec]
-    want_codes = (numel // 2, torch.uint8) if prec == "4bit" else (numel, FP8 if prec == "fp8" else torch.uint8)
-    if numel % block or (codes.numel(), codes.dtype) != want_codes:
-        return f"has {codes.numel()} {codes.dtype} codes, expected {want_codes[0]} {want_codes[1]} for {prec}"
+    want_codes = numel // 2 if prec == "4bit" else numel
+    want_dtypes = (torch.uint8, FP8) if prec == "fp8" else (torch.uint8,)
+    if numel % block or codes.numel() != want_codes or codes.dtype not in want_dtypes:
+        return f"has {codes.numel()} {codes.dtype} codes, expected {want_codes} uint8 for {prec}"
     if scale.numel() != numel // block or scale.dtype != torch.float32:
         return f"has {scale.numel()} {scale.dtype} scales, expected {numel // block} float32"
     if scale.numel() and not bool((torch.isfinite(scale) & (scale >= 0)).all()):
         return "has a NaN, inf or negative block scale"
-    if prec == "fp8" and codes.numel() and not bool(torch.isfinite(codes.float()).all()):
+    if prec == "fp8" and codes.numel() and not bool(torch.isfinite(codes.view(FP8).float()).all()):
         return "holds NaN fp8 codes"
     return None
 

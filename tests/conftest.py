@@ -78,6 +78,21 @@ def same_tree(a, b):
     return type(a) is type(b) and a == b
 
 
+def emo_record(sd):
+    """The pulse record of an emoq state dict (every param group carries the same copy)."""
+    return sd["param_groups"][0]["emo"]
+
+
+def share_record(sd):
+    """Make every param group carry group 0's record (after editing it), or none if it was removed."""
+    for group in sd["param_groups"][1:]:
+        if "emo" in sd["param_groups"][0]:
+            group["emo"] = sd["param_groups"][0]["emo"]
+        else:
+            group.pop("emo", None)
+    return sd
+
+
 def snapshot(opt):
     """Everything an optimizer step or load may change: its state dict, its parameters and their grads."""
     params = [p for g in opt.param_groups for p in g["params"]]

@@ -265,9 +265,10 @@ def test_state_dict_carries_pulse_and_skips():
         opt.step(loss=math.nan)
     opt.record_loss(1.0)
     sd = opt.state_dict()
-    assert sd["emo"]["pulse"] == opt.emo_pulse.state_dict()
-    assert sd["emo"]["skipped_steps"] == 1
-    assert sd["emo"]["recorded_count"] == 1 and sd["emo"]["recorded_sum"].item() == 1.0
+    emo = sd["param_groups"][0]["emo"]
+    assert emo["pulse"] == opt.emo_pulse.state_dict()
+    assert emo["skipped_steps"] == 1
+    assert emo["recorded_count"] == 1 and emo["recorded_sum"].item() == 1.0
     fresh = emoq.EmoSens([torch.nn.Parameter(torch.ones(3))])
     fresh.load_state_dict(sd)
     assert fresh.pulse == opt.pulse and fresh.skipped_steps == 1

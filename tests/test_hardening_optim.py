@@ -13,7 +13,7 @@ import torch
 
 import emoq
 from emoq.optim.base import grad_limit
-from tests.conftest import same_tree, snapshot
+from tests.conftest import emo_record, same_tree, share_record, snapshot
 
 FAMILIES = [emoq.EmoSens, emoq.EmoAiry, emoq.EmoCats, emoq.EmoTion]
 PRECISIONS = ["fp32", "bf16", "8bit", "4bit", "fp8"]
@@ -67,7 +67,8 @@ def test_huge_finite_gradients_never_make_a_state_or_weight_non_finite(cls, prec
             warnings.simplefilter("ignore", RuntimeWarning)
             opt.step(loss=0.9)
         before["counters"] = (before["counters"][0] + 1, *before["counters"][1:])
-        before["sd"]["emo"]["skipped_steps"] += 1
+        for group in before["sd"]["param_groups"]:
+            group["emo"]["skipped_steps"] += 1
         assert_unchanged(opt, before)  # skipped as a whole, and counted
     # just below the limit the step is taken: every state and weight stays finite
     p.grad = torch.full_like(p, 0.99 * grad_limit(p.numel()))
@@ -201,8 +202,8 @@ def trained(cls, shapes, steps=2, **kw):
 
 
 def corrupt_pulse(sd):
-    sd["emo"]["pulse"]["hist"] = float("nan")
-    return sd
+    emo_record(sd)["pulse"]["hist"] = float("nan")
+    return share_record(sd)
 
 
 def nan_in_state(sd):
@@ -211,8 +212,8 @@ def nan_in_state(sd):
 
 
 def old_format(sd):  # no family/use_shadow fields: the names and shapes still catch the mismatch
-    del sd["emo"]["family"], sd["emo"]["use_shadow"]
-    return sd
+    del emo_record(sd)["family"], emo_record(sd)["use_shadow"]
+    return share_record(sd)
 
 
 LOAD_CASES = {
@@ -264,9 +265,11 @@ def test_load_state_dict_validates_and_changes_nothing(case, eager_kernels):
 def test_lowbit_state_corruptions_are_refused():
     sd = trained(emoq.EmoSensFp8, [(64, 128)]).state_dict()
     corruptions = [lambda v: v["scale"].__setitem__(0, float("inf")),
-                   lambda v: v["codes"].view(-1).__setitem__(0, float("nan")),
+                   lambda v: v["codes"].view(-1).__setitem__(0, 0x7F),  # the bytes of an fp8 NaN
                    lambda v: v.__setitem__("scale", v["scale"][:-1]), lambda v: v.__setitem__("signed", True),
-                   lambda v: v.__setitem__("precision", "3bit")]
+                   lambda v: v.__setitem__("precision", "3bit"),
+                   lambda v: v.__setitem__("precision", torch.tensor(7, dtype=torch.int8)),
+                   lambda v: v.__setitem__("shape", torch.tensor([64.0, 128.0]))]
     for corrupt in corruptions:
         bad = copy.deepcopy(sd)
         corrupt(bad["state"][0]["v"])
@@ -281,7 +284,8 @@ def test_cross_precision_and_old_format_still_load():
     sd = saved.state_dict()
     for target_cls in (emoq.EmoSens, emoq.EmoSens4bit, emoq.EmoSensBf16):
         target_cls([torch.nn.Parameter(torch.zeros(64, 128))], use_shadow=True).load_state_dict(sd)
-    old = copy.deepcopy(sd)
+    old = copy.deepcopy(sd)  # emoq 0.1: the record at the top level, recorded losses as a list
+    old["emo"] = old["param_groups"][0].pop("emo")
     del old["emo"]["family"], old["emo"]["use_shadow"], old["emo"]["recorded_sum"], old["emo"]["recorded_count"]
     old["emo"]["format"], old["emo"]["recorded"] = 1, [1.0, 2.0]
     opt = emoq.EmoSens8bit([torch.nn.Parameter(torch.zeros(64, 128))], use_shadow=True)

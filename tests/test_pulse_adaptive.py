@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import emoq
 from emoq.probe import STATE_NAME, STRIDE, distance_probe
 from emoq.pulse import EmoPulseAdaptive
-from tests.conftest import make_net, train
+from tests.conftest import emo_record, make_net, share_record, train
 
 FAMILIES = [emoq.EmoSens, emoq.EmoAiry, emoq.EmoCats, emoq.EmoTion]
 A = EmoPulseAdaptive
@@ -318,7 +318,7 @@ def test_a_corrupted_probe_is_refused_and_changes_nothing(how, batch):
     before = target.state_dict()
     with pytest.raises(ValueError, match=STATE_NAME):
         target.load_state_dict(_corrupt_probe(opt.state_dict(), how))
-    assert target.state_dict()["emo"] == before["emo"] and not target.state
+    assert emo_record(target.state_dict()) == emo_record(before) and not target.state
 
 
 def test_a_probe_in_a_v38_checkpoint_is_refused(batch):
@@ -326,7 +326,8 @@ def test_a_probe_in_a_v38_checkpoint_is_refused(batch):
     opt = emoq.EmoSens(net.parameters(), pulse="adaptive")
     train(net, opt, batch, 3)
     sd = opt.state_dict()
-    sd["emo"]["pulse"] = emoq.EmoSens(make_net().parameters()).emo_pulse.state_dict()  # a v3.8 pulse
+    emo_record(sd)["pulse"] = emoq.EmoSens(make_net().parameters()).emo_pulse.state_dict()  # a v3.8 pulse
+    share_record(sd)
     with pytest.raises(ValueError, match="kept by no pulse but 'adaptive'"):
         emoq.EmoSens(make_net().parameters()).load_state_dict(sd)
 
@@ -363,3 +364,24 @@ def test_recipe_pulse_key_reaches_the_optimizer():
         Recipe(pulse="v4").validate()
     with pytest.raises(RecipeError, match="recipe key 'pulse'"):
         Recipe(optimizer_kwargs={"pulse": "v3.9"}).validate()
+
+
+def test_adaptive_refuses_dtensor_parameters_before_anything_changes(tmp_path):
+    """The probe of the starting point is not sharded: pulse='adaptive' with FSDP2/DTensor parameters
+    raises (loudly, before the first step changes anything) instead of probing a DTensor."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        p = torch.nn.Parameter(distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)]))
+        p.grad = distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)])
+        before = p.detach().full_tensor().clone()
+        opt = emoq.EmoSens([p], pulse="adaptive")
+        with pytest.raises(NotImplementedError, match="does not support sharded"):
+            opt.step(loss=1.0)
+        assert torch.equal(p.detach().full_tensor(), before) and not opt.state and opt.pulse is None
+        emoq.EmoSens([p], pulse="v3.9").step(loss=1.0)  # the other variants step the same parameter
+    finally:
+        dist.destroy_process_group()

@@ -27,13 +27,46 @@ def test_yaml_and_overrides(tmp_path):
     ("compute_dtype=int8", "compute_dtype"), ("optimizer_kwargs={lr: -1}", "optimizer_kwargs"),
     ("optimizer_kwargs={state_precision: int3}", "optimizer_kwargs"), ("model=null", "model"),
     ("optimizer_kwargs=[1]", "optimizer_kwargs"), ("stop_after=0", "stop_after"),
-    ("weight_decay=-1", "weight_decay"),
+    ("weight_decay=-1", "weight_decay"), ("quant_storage=int4", "quant_storage"),
+    ("fsdp_config=[1]", "fsdp_config"),
 ])
 def test_bad_keys_and_values_name_the_key(override, key):
     with pytest.raises(RecipeError) as err:
         load_recipe(None, [override])
     message = str(err.value)
     assert f"'{key}'" in message and "\n" not in message
+
+
+def test_fsdp_qlora_recipe_of_the_docs(tmp_path):
+    import re
+    from pathlib import Path
+
+    import torch
+
+    from emoq.recipes.model import quant_storage
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "finetune.md").read_text()
+    block = re.search(r"```yaml\n(# torchrun.*?)```", docs, re.S).group(1)
+    path = tmp_path / "fsdp.yaml"
+    path.write_text(block)
+    r = load_recipe(path)
+    assert r.fsdp_config == {"transformer_layer_cls_to_wrap": ["Qwen2DecoderLayer"]}
+    assert quant_storage(r) == torch.bfloat16  # NF4 stored in the compute dtype under FSDP
+    assert quant_storage(load_recipe(None)) == torch.uint8  # bitsandbytes' default otherwise
+    with pytest.raises(RecipeError, match="'quant_storage'.*compute dtype"):
+        load_recipe(path, ["quant_storage=uint8"])
+
+
+def test_fsdp_is_refused_without_cuda(tmp_path):
+    import torch
+
+    from emoq.recipes.run import finetune
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: FSDP is allowed")
+    with pytest.raises(RecipeError, match="'fsdp_config'.*CUDA"):
+        finetune(load_recipe(None, ["fsdp_config={}", f"output_dir={tmp_path / 'out'}"]))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_bad_files(tmp_path):

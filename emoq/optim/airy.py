@@ -69,4 +69,5 @@ class EmoAiry(EmoOptimizer):
             return {}
         row_shape = (p.shape[0],) + (1,) * (p.dim() - 1)
         col_shape = (1,) + tuple(p.shape[1:])
-        return {"row": StateSpec(row_shape, signed=False), "col": StateSpec(col_shape, signed=False)}
+        return {"row": StateSpec(row_shape, signed=False),
+                "col": StateSpec(col_shape, signed=False, per_row=False)}

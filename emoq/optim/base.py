@@ -23,12 +23,20 @@ from torch.optim import Optimizer
 
 from emoq import compensate
 from emoq.arith import Hyper
-from emoq.distributed import reduce_loss
-from emoq.kernels import SMALL, Extent, ParamSig, Runner, StateLayout
+from emoq.distributed import Layout, StatePlacement, local, reduce_loss
+from emoq.kernels import SMALL, Extent, ParamSig, Runner, StateLayout, param_stats, param_step
 from emoq.probe import STATE_NAME as PROBE_STATE
 from emoq.probe import check_probe_state
 from emoq.pulse import EmoPulse, make_pulse
-from emoq.states import DEFAULT_MIN_LOWBIT_SIZE, StateStorage, check_saved_state, clone_lowbit, is_lowbit, precision_of
+from emoq.states import (
+    DEFAULT_MIN_LOWBIT_SIZE,
+    LOWBIT,
+    StateStorage,
+    check_saved_state,
+    clone_lowbit,
+    is_lowbit,
+    precision_of,
+)
 
 NO_LOSS_MESSAGE = (
     "{name}.step() got no loss: emoPulse computes the step size from the loss, and emoq never "
@@ -40,21 +48,25 @@ NO_LOSS_MESSAGE = (
 
 @dataclass(frozen=True)
 class StateSpec:
-    """One optimizer state of a parameter: its shape, and whether it can be negative."""
+    """One optimizer state of a parameter: its shape, whether it can be negative, and whether its
+    dim 0 indexes the parameter's rows (``per_row``: split with them when the parameter is
+    sharded; otherwise the state is whole on every rank, like EmoAiry's column statistic)."""
 
     shape: tuple[int, ...]
     signed: bool
+    per_row: bool = True
 
-    def __init__(self, shape: Iterable[int], signed: bool) -> None:
+    def __init__(self, shape: Iterable[int], signed: bool, per_row: bool = True) -> None:
         object.__setattr__(self, "shape", tuple(int(s) for s in shape))
         object.__setattr__(self, "signed", bool(signed))
+        object.__setattr__(self, "per_row", bool(per_row))
 
 
 FAMILIES = ("EmoSens", "EmoAiry", "EmoCats", "EmoTion")
 FP32_MAX = float(torch.finfo(torch.float32).max)
-# keys a param group may hold: the per-group hyper-parameters, torch's names, and the key torch's
-# lr schedulers add (a group saved after a scheduler ran carries it)
-GROUP_KEYS = ("params", "param_names", "lr", "betas", "eps", "weight_decay", "initial_lr")
+# keys a param group may hold: the per-group hyper-parameters, torch's names, the key torch's
+# lr schedulers add (a group saved after a scheduler ran carries it) and emoq's pulse record slot
+GROUP_KEYS = ("params", "param_names", "lr", "betas", "eps", "weight_decay", "initial_lr", "emo")
 
 
 def factored_shape(shape: tuple[int, ...] | torch.Size) -> bool:
@@ -281,6 +293,7 @@ class EmoOptimizer(Optimizer):
         super().add_param_group({**param_group, "params": params})
         group = self.param_groups[-1]
         group["betas"] = tuple(group["betas"])
+        group["emo"] = None  # state_dict() puts the pulse record here: see state_dict()
         if self._pulse.eta is not None:
             group["lr"] = self._pulse.eta
 
@@ -353,7 +366,8 @@ class EmoOptimizer(Optimizer):
         """Per param group, its parameters to update, after checking everything that can fail.
 
         Runs before any parameter, state or the pulse changes, so a step that raises has changed
-        nothing. Parameters without a gradient and zero-size parameters are skipped.
+        nothing. Parameters without a gradient and zero-size parameters are skipped (a sharded
+        parameter whose shard here is empty is not zero-size: it still joins the collectives).
         """
         name = type(self).__name__
         out = []
@@ -378,6 +392,10 @@ class EmoOptimizer(Optimizer):
                 if made is not None and made != p.shape and self.state.get(p):
                     raise RuntimeError(f"{name}: a parameter's shape changed from {tuple(made)} to {tuple(p.shape)} "
                                        "after its optimizer states were made (p.data replaced?)")
+                if self._layout(p).mesh is not None and self._pulse.needs_probe:  # bad shardings raise in _layout
+                    raise NotImplementedError(
+                        f"{name}: pulse={self._pulse.name!r} does not support sharded (FSDP2/DTensor) parameters "
+                        "yet (its probe of the starting point is not sharded); use pulse='v3.8' or 'v3.9'")
                 params.append(p)
             if params:
                 out.append((group, params))
@@ -400,6 +418,9 @@ class EmoOptimizer(Optimizer):
     @torch.compiler.disable(reason="an emoq step runs eagerly (its low-bit kernels are compiled on their own)")
     @torch.no_grad()
     def _step(self, closure: Callable[[], Any] | None, loss: Any) -> Any:
+        if closure is None and loss is None and self._is_state_init_step():
+            self._init_states()
+            return None
         result, loss_value = self._take_loss(closure, loss)
         units = [(group, unit) for group, params in self._params_with_grad() for unit in self._units(group, params)]
         grads_ok = self._gradient_stats([unit for _, unit in units])
@@ -427,6 +448,41 @@ class EmoOptimizer(Optimizer):
             group["lr"] = lr
         return result
 
+    def _is_state_init_step(self) -> bool:
+        """Whether this ``step()`` is torch.distributed.checkpoint's state initialisation.
+
+        ``torch.distributed.checkpoint.state_dict`` (``get_optimizer_state_dict`` /
+        ``set_optimizer_state_dict``, used by accelerate and the HF Trainer under FSDP2) builds
+        the states of an optimizer that has none by calling ``step()`` with zero gradients and
+        every group's ``lr`` set to 0. An emoq group's ``lr`` is the scope (> 0) or the pulse
+        (>= its floor), never 0, so no loss + every ``lr`` 0 + all-zero gradients is that call.
+        """
+        if not self.param_groups or any(float(g["lr"]) != 0.0 for g in self.param_groups):
+            return False
+        grads = [local(p.grad) for g in self.param_groups for p in g["params"] if p.grad is not None]
+        return all(not bool(g.any()) for g in grads if not g.is_sparse)
+
+    def _init_states(self) -> None:
+        """Allocate the states of every parameter with a gradient, and nothing else: no pulse,
+        no weight decay, no skip count, recorded losses kept (the initialisation step above)."""
+        for _, params in self._params_with_grad():
+            for p in params:
+                state = self.state[p]
+                if not state:
+                    self._init_state(p, state)
+
+    def _layout(self, p: Tensor) -> Layout:
+        layout = self._layouts.get(p)
+        if layout is None:
+            layout = self._layouts[p] = Layout(p)
+        return layout
+
+    def _quantize(self, layout: Layout, spec: StateSpec) -> bool:
+        """The low-bit decision for one state, from global shapes (the same on every rank)."""
+        if self.state_precision not in LOWBIT:
+            return False
+        return layout.quantizable(layout.state(spec.shape, spec.per_row), self._storage.block, self.min_lowbit_size)
+
     # ------------------------------------------------------------------ units: a parameter, or a stack
     def _units(self, group: dict, params: list[Tensor]) -> list[Unit]:
         """``params`` as units of work: small parameters sharing shape, dtypes and extent are
@@ -439,37 +495,54 @@ class EmoOptimizer(Optimizer):
             for p in params:
                 extent = self._extent(p)
                 kind = (tuple(p.shape), p.dtype, p.grad.dtype, extent)
-                if not stackable or p.numel() >= SMALL or not p.is_contiguous():
+                if not stackable or p.numel() >= SMALL or not local(p).is_contiguous():
                     kind = kind + (id(p),)
                 by_kind.setdefault(kind, []).append(p)
             units = [Unit(tuple(ps), len(ps) > 1, kind[3]) for kind, ps in by_kind.items()]
             self._unit_cache[key] = units
         for unit in units:
             unit.grads.clear()
-            unit.grads.extend(p.grad for p in unit.params)
+            unit.grads.extend(local(p.grad) for p in unit.params)  # DTensor shards: the rows held here
         return units
 
     def _gradient_stats(self, units: list[Unit]) -> bool:
         """The rule's statistics of every unit's gradient (summed over shards) and whether every
         gradient is in range. A unit the rule has statistics for is checked through the first one
-        (its sum of squares, from the same pass); the others by one multi-tensor norm."""
+        (its sum of squares, from the same pass); the others by one multi-tensor norm.
+
+        A sharded parameter's (``extent.sharded``) partial sums, and the squared norms of its
+        shard when the rule has no statistics, are summed over the shards with one collective per
+        shard group and step, so the statistics and the range check are those of the whole
+        tensor on every rank (docs/distributed.md)."""
         fn = type(self).stats
         plain: list[Tensor] = []
         squares: list[Tensor] = []
+        sharded: dict[Callable[[Tensor], Tensor], list[Unit]] = {}
         for unit in units:
             g = torch.stack(unit.grads) if unit.stacked else unit.grads[0]
             unit.g = g
+            unit.stats = ()
             if fn is not None and self._uses_stats(unit.params[0]):
-                value = self._runner.stats(fn, unit.extent, g)
-                unit.stats = (value[0],) + tuple(unit.extent.sum_shards(t) for t in value[1:])
-                squares.append(value[0].reshape(-1))
-            else:
-                unit.stats = ()
+                # an empty shard (zero rows here) runs eagerly: it only contributes zeros
+                unit.stats = self._runner.stats(fn, unit.extent, g) if g.numel() else param_stats(fn, unit.extent, g)
+                if not unit.extent.sharded:
+                    squares.append(unit.stats[0].reshape(-1))
+            elif not unit.extent.sharded:
                 plain.append(g)
+            if unit.extent.sharded:
+                sharded.setdefault(unit.extent.sum_shards, []).append(unit)
+        for sum_shards, members in sharded.items():
+            partial = [u.stats or (torch.stack(grad_norms(u.grads)).square(),) for u in members]
+            total = sum_shards(torch.cat([t.reshape(-1).float() for ts in partial for t in ts]))
+            sums = iter(total.split([t.numel() for ts in partial for t in ts]))
+            for unit, ts in zip(members, partial):
+                summed = tuple(next(sums).view(t.shape).clone() for t in ts)
+                unit.stats = summed if unit.stats else ()
+                squares.append(summed[0].reshape(-1))
         ok = grads_in_range(grad_norms(plain), squares)
         if not ok and plain:  # a stack's joint norm may exceed the limit while each member is within it
             ok = grads_in_range([], [torch.stack([n.square() for n in grad_norms(u.grads)]) for u in units
-                                     if not u.stats] + squares)
+                                     if not u.stats and not u.extent.sharded] + squares)
         return ok
 
     def _step_unit(self, group: dict, unit: Unit, h: Hyper, c: Tensor | None) -> None:
@@ -482,12 +555,22 @@ class EmoOptimizer(Optimizer):
                 shadow = self.state[p]["shadow"]
                 def before(x: Tensor) -> None:  # noqa: E306
                     self._shadow_step(x, shadow)
-            self._runner.step(self.rule, opts, sig, p, unit.g, unit.stats, parts, residual, h, c, before)
+            self._run(opts, sig, local(p), unit, parts, residual, h, c, before)
             return
         sig, parts, residual = self._stack(unit)
-        values = torch.stack(unit.params)  # under no_grad: plain copies
-        self._runner.step(self.rule, opts, sig, values, unit.g, unit.stats, parts, residual, h, c)
-        torch._foreach_copy_(list(unit.params), list(values.unbind(0)))
+        members = [local(p) for p in unit.params]  # DTensor shards: the rows held here
+        values = torch.stack(members)  # under no_grad: plain copies
+        self._run(opts, sig, values, unit, parts, residual, h, c)
+        torch._foreach_copy_(members, list(values.unbind(0)))
+
+    def _run(self, opts: dict, sig: ParamSig, p: Tensor, unit: Unit, parts: list[list[Tensor]],
+             residual: Tensor | None, h: Hyper, c: Tensor | None,
+             before: Callable[[Tensor], None] | None = None) -> None:
+        """The rule on plain tensors (never a DTensor); an empty shard eagerly (nothing to compile)."""
+        if p.numel() == 0:  # a shard with no rows here: only a replicated state (EmoAiry's col) changes
+            param_step(self.rule, opts, sig, p, unit.g, unit.stats, parts, residual, h, before)
+        else:
+            self._runner.step(self.rule, opts, sig, p, unit.g, unit.stats, parts, residual, h, c, before)
 
     def _stack(self, unit: Unit) -> tuple[ParamSig, list[list[Tensor]], Tensor | None]:
         """The stacked states of ``unit`` (built on first use: each member's state becomes a view
@@ -545,17 +628,20 @@ class EmoOptimizer(Optimizer):
         if compensate.needs_residual(p, self.compensation):
             residual = state.get("residual")
             if residual is None:
-                residual = state["residual"] = compensate.new_residual(p, self.compensation)
+                residual = state["residual"] = compensate.new_residual(local(p), self.compensation)
         mode = self.compensation if compensate.needs_compensation(p) else "none"
-        sig = ParamSig(layouts, self._extent(p), p.dtype, g.dtype, mode, tuple(p.shape))
+        sig = ParamSig(layouts, self._extent(p), p.dtype, g.dtype, mode, tuple(local(p).shape))
         return sig, parts, residual
 
     def _init_state(self, p: Tensor, state: dict[str, Any]) -> None:
         self._state_shapes[p] = p.shape
+        layout = self._layout(p)
         for name, spec in self._state_specs(p).items():
-            state[name] = self._storage.zeros(spec.shape, signed=spec.signed, device=p.device)
+            shape = layout.state(spec.shape, spec.per_row).local_shape
+            state[name] = self._storage.zeros(shape, signed=spec.signed, device=p.device,
+                                              quantize=self._quantize(layout, spec))
         if self.use_shadow:
-            state["shadow"] = p.detach().clone()
+            state["shadow"] = local(p).detach().clone()
 
     _NOT_RULE_STATES = ("shadow", "residual", PROBE_STATE)
 
@@ -588,10 +674,12 @@ class EmoOptimizer(Optimizer):
         return {}
 
     def _extent(self, p: Tensor) -> Extent:
-        """The whole parameter ``p`` is part of: its own shape, no shards (FSDP overrides this)."""
-        return Extent(tuple(p.shape))
+        """The whole parameter ``p`` is part of: its shape (a DTensor's global shape) and, when its
+        rows are split over ranks, the sum over the shards (emoq.distributed.ShardSum)."""
+        layout = self._layout(p)
+        return Extent(layout.param_shape, layout.sum_shards) if layout.sharded else Extent(layout.param_shape)
 
-    _CACHES = ("_items", "_unit_cache", "_stacks", "_stacked_in")
+    _CACHES = ("_items", "_unit_cache", "_stacks", "_stacked_in", "_layouts")
 
     def _reset_caches(self) -> None:
         """Forget the per-step plans (signatures, state views, stacks); they are rebuilt on demand."""
@@ -599,22 +687,24 @@ class EmoOptimizer(Optimizer):
         self._unit_cache: dict[tuple, list[Unit]] = {}
         self._stacks: dict[tuple, tuple] = {}
         self._stacked_in: dict[Tensor, tuple] = {}
+        self._layouts: dict[Tensor, Layout] = {}  # how each parameter is split over ranks (emoq.distributed)
 
     # ------------------------------------------------------------------ checkpoints
-    def state_dict(self) -> dict[str, Any]:
-        """Torch's optimizer state dict plus ``"emo"``: the pulse, skip counter, family and precision.
+    def _params_by_index(self) -> list[Tensor]:
+        """Parameters in the order torch numbers them in ``state_dict()``."""
+        return list(chain.from_iterable(g["params"] for g in self.param_groups))
 
-        States are plain tensors (``torch.load(weights_only=True)`` works).
-        """
-        sd = super().state_dict()
-        sd["state"] = {
-            pid: {name: (value if name in self._NOT_RULE_STATES or not isinstance(value, Tensor)
-                         else self._storage.export(value))
-                  for name, value in st.items()}
-            for pid, st in sd["state"].items()
-        }
-        sd["emo"] = {
-            "format": 2,
+    def _state_layout(self, p: Tensor, name: str) -> tuple[Layout, StatePlacement, StateSpec | None]:
+        """(layout of the parameter, layout of its state ``name``, spec or ``None`` for shadow/residual)."""
+        layout = self._layout(p)
+        spec = self._state_specs(p).get(name)
+        if spec is None:  # shadow, residual: shaped like the parameter
+            return layout, layout.state(tuple(p.shape), True), None
+        return layout, layout.state(spec.shape, spec.per_row), spec
+
+    def _emo_record(self) -> dict[str, Any]:
+        return {
+            "format": 3,
             "family": self._family_name(),
             "use_shadow": self.use_shadow,
             "pulse": self._pulse.state_dict(),
@@ -624,20 +714,56 @@ class EmoOptimizer(Optimizer):
             "recorded_sum": None if self._recorded_sum is None else self._recorded_sum.detach().to("cpu", copy=True),
             "recorded_count": self._recorded_count,
         }
+
+    def state_dict(self) -> dict[str, Any]:
+        """Torch's optimizer state dict; every param group carries ``"emo"``: the pulse state, skip
+        counter, recorded micro-batch losses, family and precision.
+
+        The record lives in ``param_groups`` because ``torch.distributed.checkpoint.state_dict``
+        (what accelerate and the HF Trainer use under FSDP2) keeps only ``state`` and
+        ``param_groups``; live groups hold the key with ``None`` because its flattened format
+        restores only the group keys a live optimizer has. States are plain tensors
+        (``torch.load(weights_only=True)`` works); those of a sharded (DTensor) parameter are
+        DTensors, low-bit ones as DTensor codes and scales in a row-aligned layout, so
+        ``torch.distributed.checkpoint`` saves each rank's shard.
+        """
+        sd = super().state_dict()
+        params = self._params_by_index()
+        state = {}
+        for pid, st in sd["state"].items():
+            p, exported = params[pid], {}
+            for name, value in st.items():
+                if not isinstance(value, Tensor):
+                    exported[name] = value
+                    continue
+                layout, st_layout, spec = self._state_layout(p, name)
+                plain = value if spec is None else self._storage.export(value)
+                exported[name] = layout.export(plain, st_layout)
+            state[pid] = exported
+        sd["state"] = state
+        record = self._emo_record()
+        for group in sd["param_groups"]:
+            group["emo"] = copy.deepcopy(record)
         return sd
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Resume from :meth:`state_dict`, saved at any ``state_precision``.
 
-        Everything is checked before anything changes (:meth:`_check_state_dict`): a state dict
-        of another family, with another ``use_shadow``, with states of the wrong names or
-        shapes, or with a NaN/inf in a state or in the pulse raises ``ValueError`` naming the
-        parameter and the mismatch, and leaves this optimizer as it was.
+        Also takes emoq 0.1's format (the record at the top level) and the output of
+        ``torch.distributed.checkpoint.state_dict`` (keys by name, DTensor states; a full state
+        dict loaded into a sharded optimizer keeps each rank's rows). Everything is checked
+        before anything changes (:meth:`_check_state_dict`): a state dict of another family,
+        with another ``use_shadow``, with states of the wrong names or shapes, or with a NaN/inf
+        in a state or in the pulse raises ``ValueError`` naming the parameter and the mismatch,
+        and leaves this optimizer as it was.
         """
         states, pulse, skipped, recorded = self._check_state_dict(state_dict)
         # torch's loader would cast floating states to the parameter's dtype: give it the groups
         # only, and put the states rebuilt through the storage policy (any saved precision) in place.
-        super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
+        groups = [{k: v for k, v in g.items() if k != "emo"} for g in state_dict["param_groups"]]
+        super().load_state_dict({"state": {}, "param_groups": groups})
+        for group in self.param_groups:
+            group["emo"] = None
         self._state_shapes = {}
         for p, st in states.items():
             self.state[p] = st
@@ -647,17 +773,28 @@ class EmoOptimizer(Optimizer):
         self.skipped_steps = skipped
         self._recorded_sum, self._recorded_count = recorded
 
+    @staticmethod
+    def _saved_record(state_dict: dict[str, Any]) -> Any:
+        """The saved ``"emo"`` record: from the param groups (this format) or the top level (emoq 0.1)."""
+        groups = state_dict.get("param_groups")
+        if isinstance(groups, list):
+            for group in groups:
+                if isinstance(group, dict) and group.get("emo") is not None:  # None: a live group's slot
+                    return group["emo"]
+        return state_dict.get("emo")
+
     def _check_state_dict(self, state_dict: Any) -> tuple[dict[Tensor, dict[str, Any]], dict, int, tuple]:
         """Validate a saved state dict against this optimizer and rebuild its states, changing nothing.
 
         Returns ``(states by parameter, pulse state, skipped_steps, (recorded sum, count))``.
         """
         name = type(self).__name__
-        if not isinstance(state_dict, dict) or "emo" not in state_dict:
-            raise KeyError(f"not an emoq state_dict (no 'emo' entry): {name} needs the pulse "
+        emo = self._saved_record(state_dict) if isinstance(state_dict, dict) else None
+        if emo is None:
+            raise KeyError(f"not an emoq state_dict (no 'emo' record in its param_groups): {name} needs the pulse "
                            "state to resume; load a state_dict saved by an emoq optimizer")
-        emo, saved_groups, saved_state = state_dict["emo"], state_dict.get("param_groups"), state_dict.get("state")
-        if not isinstance(emo, dict) or emo.get("format") not in (1, 2):
+        saved_groups, saved_state = state_dict.get("param_groups"), state_dict.get("state")
+        if not isinstance(emo, dict) or emo.get("format") not in (1, 2, 3):
             found = emo.get("format") if isinstance(emo, dict) else emo
             raise ValueError(f"emoq state_dict: unknown 'emo' format {found!r}")
         if not isinstance(saved_groups, list) or not isinstance(saved_state, dict):
@@ -709,7 +846,8 @@ class EmoOptimizer(Optimizer):
         return states, pulse, skipped, self._check_recorded(emo)
 
     def _check_param_state(self, p: Tensor, saved: dict[str, Any], where: str, saved_compensation: Any) -> dict:
-        """One parameter's saved states, checked and rebuilt through the storage policy."""
+        """One parameter's saved states, checked and rebuilt through the storage policy (each taken
+        to this rank's shard first when ``p`` is sharded)."""
         specs = self._state_specs(p)
         present = [n for n in saved if n not in ("residual", PROBE_STATE)]
         expected = list(specs) + (["shadow"] if self.use_shadow else [])
@@ -718,18 +856,21 @@ class EmoOptimizer(Optimizer):
                              f"(use_shadow={self.use_shadow}) keeps {sorted(expected)} for it")
         rebuilt: dict[str, Any] = {}
         for name, value in saved.items():
-            if name == "shadow":
-                problem = check_saved_state(value, tuple(p.shape), True, plain_only=True)
-                if problem:
-                    raise ValueError(f"state_dict: shadow of {where} {problem}")
-                rebuilt[name] = value.detach().to(device=p.device, dtype=p.dtype, copy=True)
-            elif name == PROBE_STATE:  # the adaptive pulse's subset of the starting point (emoq/probe.py)
+            if name == PROBE_STATE:  # the adaptive pulse's subset of the starting point (emoq/probe.py)
                 problem = check_probe_state(value, p) if self._pulse.needs_probe else "kept by no pulse but 'adaptive'"
                 if problem:
                     raise ValueError(f"state_dict: {name} of {where} {problem}")
                 rebuilt[name] = value.detach().to(device=p.device, dtype=torch.float32, copy=True)
+                continue
+            layout, st_layout, spec = self._state_layout(p, name)
+            value = layout.import_(value, st_layout)
+            if name == "shadow":
+                problem = check_saved_state(value, st_layout.local_shape, True, plain_only=True)
+                if problem:
+                    raise ValueError(f"state_dict: shadow of {where} {problem}")
+                rebuilt[name] = value.detach().to(device=p.device, dtype=p.dtype, copy=True)
             elif name == "residual":  # compensation buffer: param dtype, or int8 ulp units
-                if not isinstance(value, Tensor) or tuple(value.shape) != tuple(p.shape):
+                if not isinstance(value, Tensor) or tuple(value.shape) != st_layout.local_shape:
                     raise ValueError(f"state_dict: residual of {where} is not a tensor of the parameter's shape")
                 want = torch.int8 if self.compensation == "error_feedback8" else p.dtype
                 # kept when it means the same thing here; else dropped (less than one ulp of the weight)
@@ -737,10 +878,11 @@ class EmoOptimizer(Optimizer):
                         and value.dtype == want and bool(torch.isfinite(value.float()).all())):
                     rebuilt[name] = value.detach().to(device=p.device, copy=True)
             else:
-                problem = check_saved_state(value, specs[name].shape, specs[name].signed)
+                problem = check_saved_state(value, st_layout.local_shape, spec.signed)
                 if problem:
                     raise ValueError(f"state_dict: state {name!r} of {where} {problem}")
-                rebuilt[name] = self._storage.import_(value, signed=specs[name].signed, device=p.device)
+                rebuilt[name] = self._storage.import_(value, signed=spec.signed, device=p.device,
+                                                      quantize=self._quantize(layout, spec))
         return rebuilt
 
     @staticmethod

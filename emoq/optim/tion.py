@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -11,9 +13,10 @@ from emoq.optim.base import EmoOptimizer, StateSpec, factored_shape, is_factored
 
 
 def _matrix(g: Tensor, extent: Extent) -> Tensor:
-    """``g`` as ``(..., d0, numel / d0)`` (leading stack dims kept)."""
+    """``g`` as ``(..., rows, numel / d0)``: its rows (those held here, for a shard) by the columns
+    of the whole parameter (leading stack dims kept; an empty shard has zero rows)."""
     lead = g.dim() - len(extent.shape)
-    return g.reshape(*g.shape[:lead], extent.shape[0], -1) if lead else g.reshape(extent.shape[0], -1)
+    return g.reshape(*g.shape[:lead], g.shape[lead], math.prod(extent.shape[1:]))
 
 
 def emotion_stats(g: Tensor, extent: Extent) -> tuple[Tensor, ...]:
@@ -66,4 +69,4 @@ class EmoTion(EmoOptimizer):
         if not is_factored(p):
             return {}
         return {"row": StateSpec((p.shape[0],), signed=True),
-                "col": StateSpec((p.numel() // p.shape[0],), signed=True)}
+                "col": StateSpec((p.numel() // p.shape[0],), signed=True, per_row=False)}

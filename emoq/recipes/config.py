@@ -28,6 +28,7 @@ class Recipe:
     load_in_4bit: bool = True  # NF4 base weights (bitsandbytes)
     double_quant: bool = True
     compute_dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU | float32 | bfloat16 | float16
+    quant_storage: str = "auto"  # bnb_4bit_quant_storage: auto (uint8; the compute dtype under fsdp) | uint8 | ...
     gradient_checkpointing: bool = False
     # LoRA
     lora_r: int = 8
@@ -57,6 +58,7 @@ class Recipe:
     stop_after: int | None = None  # stop when the pulse's stop signal holds this many updates
     seed: int = 0
     logging_steps: int = 1
+    fsdp_config: dict[str, Any] | None = None  # FSDP2 (CUDA only): the Trainer's fsdp_config, e.g. {}
     # output
     output_dir: str = "runs/smollm2-pydoc"
     overwrite: bool = False
@@ -77,6 +79,15 @@ class Recipe:
         if self.text_sample_by not in ("line", "paragraph", "document"):
             raise RecipeError(f"recipe key 'text_sample_by' must be line, paragraph or document, "
                               f"got {self.text_sample_by!r}")
+        if self.quant_storage not in ("auto", "uint8", "float32", "bfloat16", "float16"):
+            raise RecipeError(f"recipe key 'quant_storage' must be auto, uint8, float32, bfloat16 or float16, "
+                              f"got {self.quant_storage!r}")
+        fsdp_dtype = "bfloat16" if self.compute_dtype == "auto" else self.compute_dtype  # fsdp runs on CUDA
+        if self.fsdp_config is not None and self.load_in_4bit and self.quant_storage not in ("auto", fsdp_dtype):
+            # FSDP shards parameters of one floating dtype: NF4 weights packed in uint8 next to the LoRA
+            # weights fail (bitsandbytes' FSDP-QLoRA guide: store them in the compute dtype)
+            raise RecipeError(f"recipe key 'quant_storage': under fsdp the NF4 weights must be stored in the compute "
+                              f"dtype ({fsdp_dtype}), got {self.quant_storage!r}; leave it auto")
         if self.max_train_samples is not None and self.max_train_samples < 1:
             raise RecipeError(f"recipe key 'max_train_samples' must be >= 1, got {self.max_train_samples!r}")
         if self.stop_after is not None and self.stop_after < 1:

@@ -118,10 +118,20 @@ def compute_dtype(recipe: Recipe) -> torch.dtype:
     return getattr(torch, recipe.compute_dtype)
 
 
-def load_qlora(recipe: Recipe, path: str) -> Any:
+def quant_storage(recipe: Recipe) -> torch.dtype:
+    """``bnb_4bit_quant_storage``: packed in uint8, or in the compute dtype under FSDP (which
+    shards floating parameters of one dtype; bitsandbytes' FSDP-QLoRA guide)."""
+    if recipe.quant_storage == "auto":
+        return compute_dtype(recipe) if recipe.fsdp_config is not None else torch.uint8
+    return getattr(torch, recipe.quant_storage)
+
+
+def load_qlora(recipe: Recipe, path: str, local_rank: int = 0) -> Any:
     """The peft model: base in NF4 with double quantization, LoRA on ``lora_target``.
 
     Loading errors and a ``lora_target`` that matches nothing become one-line ``RecipeError``s.
+    On CUDA each process loads onto its own GPU (``local_rank``), except under FSDP, which
+    places the shards itself.
     """
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -131,9 +141,9 @@ def load_qlora(recipe: Recipe, path: str) -> Any:
     if recipe.load_in_4bit:
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=recipe.double_quant,
-            bnb_4bit_compute_dtype=dtype)
-    if torch.cuda.is_available():
-        kwargs["device_map"] = {"": torch.cuda.current_device()}
+            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=quant_storage(recipe))
+    if torch.cuda.is_available() and recipe.fsdp_config is None:
+        kwargs["device_map"] = {"": local_rank}
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError, KeyError) as err:
@@ -141,10 +151,10 @@ def load_qlora(recipe: Recipe, path: str) -> Any:
     from emoq.integrations.transformers import disable_bnb_cpu_inference_packing
 
     disable_bnb_cpu_inference_packing(model)  # the recipe evaluates before training
-    if recipe.load_in_4bit:
+    if recipe.load_in_4bit and recipe.fsdp_config is None:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.gradient_checkpointing)
-    elif recipe.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    elif recipe.gradient_checkpointing:  # under fsdp: no fp32 upcast of the norms (one dtype to shard)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(r=recipe.lora_r, lora_alpha=recipe.lora_alpha, lora_dropout=recipe.lora_dropout,
                       target_modules=recipe.lora_target, task_type="CAUSAL_LM")
     try:

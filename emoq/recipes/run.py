@@ -57,12 +57,14 @@ def plot(history: list[dict[str, Any]], path: Path, title: str, evals: list[tupl
 
 
 def training_arguments(recipe: Recipe, output_dir: Path, progress: bool = True) -> Any:
-    """The recipe's ``TrainingArguments`` (constant schedule, no checkpoints, CPU when no CUDA)."""
+    """The recipe's ``TrainingArguments`` (constant schedule, no checkpoints, CPU when no CUDA, FSDP
+    when the recipe has ``fsdp_config``)."""
     from transformers import TrainingArguments
 
     from emoq.recipes.model import compute_dtype
 
     dtype = compute_dtype(recipe)
+    fsdp = {} if recipe.fsdp_config is None else {"fsdp": True, "fsdp_config": dict(recipe.fsdp_config)}
     return TrainingArguments(
         output_dir=str(output_dir), per_device_train_batch_size=recipe.batch_size,
         per_device_eval_batch_size=recipe.eval_batch_size, gradient_accumulation_steps=recipe.grad_accum,
@@ -70,8 +72,33 @@ def training_arguments(recipe: Recipe, output_dir: Path, progress: bool = True) 
         weight_decay=recipe.weight_decay, seed=recipe.seed, report_to=[], save_strategy="no",
         disable_tqdm=not progress, bf16=dtype == torch.bfloat16 and torch.cuda.is_available(),
         fp16=dtype == torch.float16 and torch.cuda.is_available(), use_cpu=not torch.cuda.is_available(),
-        dataloader_num_workers=0, remove_unused_columns=False,
+        dataloader_num_workers=0, remove_unused_columns=False, **fsdp,
     )
+
+
+def _process_state() -> Any:
+    """accelerate's process state: one process, or one of several under torchrun / accelerate launch."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
+def _from_main(state: Any, make: Any) -> Any:
+    """``make()`` run by the main process, its result (or its ``RecipeError``) given to every process."""
+    box: list[Any] = [None]
+    if state.is_main_process:
+        try:
+            box[0] = ("ok", make())
+        except RecipeError as err:
+            box[0] = ("error", str(err))
+    if state.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(box)
+    kind, value = box[0]
+    if kind == "error":
+        raise RecipeError(value)
+    return value
 
 
 def finetune(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
@@ -82,6 +109,11 @@ def finetune(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     one-line ``RecipeError`` before the slow part. Everything is written into the partial
     folder and moved into place at the end: a failed or interrupted run leaves nothing
     half-written, and emoq never removes what it did not write (:mod:`emoq.recipes.output`).
+
+    Under several processes (``torchrun`` / ``accelerate launch``) every process trains and
+    evaluates; the main one alone creates the output, converts or downloads first (the others
+    then read its cache), and writes. The others return the same metrics with
+    ``"main_process": False``.
     """
     from transformers import Trainer, set_seed
 
@@ -91,13 +123,23 @@ def finetune(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
     from emoq.recipes.output import OutputDir, check_output_dir
 
     out = check_output_dir(recipe.output_dir, recipe.overwrite)
-    output = OutputDir(out, recipe.overwrite)
+    if recipe.fsdp_config is not None and not torch.cuda.is_available():
+        raise RecipeError("recipe key 'fsdp_config': FSDP needs CUDA GPUs (accelerate 1.15 turns FSDP off for CPU "
+                          "processes, so the run would silently fall back to data parallelism); drop the key")
+    state = _process_state()
+    output = None
     try:
-        work = output.work
+        def make_output() -> str:
+            nonlocal output
+            output = OutputDir(out, recipe.overwrite)
+            return str(output.work)
+
+        work = Path(_from_main(state, make_output))
         start = time.perf_counter()
         set_seed(recipe.seed)
-        rows = load_examples(recipe)
-        path = resolve_model_dir(recipe)
+        with state.main_process_first():  # the main process converts / downloads, the others reuse its cache
+            rows = load_examples(recipe)
+            path = resolve_model_dir(recipe)
         tokenizer = load_tokenizer(path, recipe)
         train_rows, held_rows = split(rows, recipe)
         train_ds = tokenize(train_rows, tokenizer, recipe.seq_len)
@@ -106,12 +148,12 @@ def finetune(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
             if len(ds) == 0:
                 raise RecipeError(f"recipe key 'seq_len': no {what} example is left after tokenising its {n} rows "
                                   f"(each prompt alone fills seq_len={recipe.seq_len} tokens); raise seq_len")
-        model = load_qlora(recipe, path)
+        model = load_qlora(recipe, path, state.local_process_index)
         label = model_label(recipe, model)
         load_seconds = time.perf_counter() - start
 
         dtype = compute_dtype(recipe)
-        args = training_arguments(recipe, work / "trainer", progress)
+        args = training_arguments(recipe, work / "trainer", progress and state.is_main_process)
         optimizer_kwargs = recipe.full_optimizer_kwargs
         trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                           optimizer_cls_and_kwargs=(recipe.optimizer_cls, optimizer_kwargs),
@@ -124,8 +166,7 @@ def finetune(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
         history = trainer.state.log_history
         opt = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
 
-        model.save_pretrained(work / "adapter", safe_serialization=True)
-        tokenizer.save_pretrained(work / "adapter")
+        trainer.save_model(str(work / "adapter"))  # every process (FSDP gathers); the main one writes
         train_logs = [h for h in history if "loss" in h and "emo_pulse" in h]
         metrics = {
             "recipe": recipe.to_dict(),
@@ -134,6 +175,7 @@ def finetune(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
             "pulse": opt.emo_pulse.name,
             "device": "cuda" if torch.cuda.is_available() else "cpu",
             "compute_dtype": str(dtype).replace("torch.", ""),
+            "processes": state.num_processes, "main_process": state.is_main_process,
             "train_examples": len(train_ds), "held_out_examples": len(eval_ds),
             "steps": trainer.state.global_step,
             "eval_before": before, "eval_after": after,
@@ -148,13 +190,17 @@ def finetune(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "history": history,
         }
-        (work / "metrics.json").write_text(json.dumps(metrics, indent=1))
-        plot(history, work / "loss_pulse.png",
-             f"{type(opt).__name__} (pulse {opt.emo_pulse.name}) on {label}: held-out ppl "
-             f"{before['perplexity']:.2f} → {after['perplexity']:.2f}",
-             [(0, before["loss"]), (trainer.state.global_step, after["loss"])])
-        shutil.rmtree(work / "trainer", ignore_errors=True)
-        output.publish()
+        if state.is_main_process:
+            tokenizer.save_pretrained(work / "adapter")
+            (work / "adapter" / "training_args.bin").unlink(missing_ok=True)  # the Trainer's, not an adapter file
+            (work / "metrics.json").write_text(json.dumps(metrics, indent=1))
+            plot(history, work / "loss_pulse.png",
+                 f"{type(opt).__name__} (pulse {opt.emo_pulse.name}) on {label}: held-out ppl "
+                 f"{before['perplexity']:.2f} → {after['perplexity']:.2f}",
+                 [(0, before["loss"]), (trainer.state.global_step, after["loss"])])
+            shutil.rmtree(work / "trainer", ignore_errors=True)
+            output.publish()
     finally:
-        output.discard()
+        if output is not None:
+            output.discard()
     return metrics
