@@ -1,4 +1,5 @@
 import copy
+import io
 import os
 
 import pytest
@@ -98,3 +99,17 @@ def snapshot(opt):
     params = [p for g in opt.param_groups for p in g["params"]]
     return {"sd": copy.deepcopy(opt.state_dict()), "params": [p.detach().clone() for p in params],
             "counters": (opt.skipped_steps, opt.pulse, opt.last_loss, len(opt.param_groups))}
+
+
+def resume_from_bytes(net, opt, make, seed):
+    """Save ``net`` and ``opt`` through ``torch.save`` / ``torch.load(weights_only=True)`` and load
+    them into a fresh net (built with ``seed``) and ``make(params)``: ``(net2, opt2)``."""
+    buf = io.BytesIO()
+    torch.save({"model": net.state_dict(), "optim": opt.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+    net2 = make_net(seed=seed)
+    net2.load_state_dict(ckpt["model"])
+    opt2 = make(net2.parameters())
+    opt2.load_state_dict(ckpt["optim"])
+    return net2, opt2

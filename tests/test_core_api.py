@@ -1,6 +1,5 @@
 """Loss intake, NaN guard, validation, param groups, resume, scheduler (DESIGN.md public API)."""
 
-import io
 import math
 import warnings
 
@@ -9,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import emoq
-from tests.conftest import make_net, train
+from tests.conftest import make_net, resume_from_bytes, train
 
 FAMILIES = [emoq.EmoSens, emoq.EmoAiry, emoq.EmoCats, emoq.EmoTion]
 
@@ -239,14 +238,7 @@ def test_resume_is_exact(cls, precision, use_shadow, batch):
     net = make_net()
     opt = cls(net.parameters(), **kw)
     train(net, opt, batch, 12)
-    buf = io.BytesIO()
-    torch.save({"model": net.state_dict(), "optim": opt.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-    net2 = make_net(seed=123)
-    net2.load_state_dict(ckpt["model"])
-    opt2 = cls(net2.parameters(), **kw)
-    opt2.load_state_dict(ckpt["optim"])
+    net2, opt2 = resume_from_bytes(net, opt, lambda ps: cls(ps, **kw), seed=123)
     for st in opt2.state.values():
         for name, value in st.items():
             want = torch.float32 if name == "shadow" or precision == "fp32" else torch.bfloat16

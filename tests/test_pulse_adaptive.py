@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 import emoq
 from emoq.probe import STATE_NAME, STRIDE, distance_probe
 from emoq.pulse import EmoPulseAdaptive
-from tests.conftest import emo_record, make_net, share_record, train
+from tests.conftest import emo_record, make_net, resume_from_bytes, share_record, train
 
 FAMILIES = [emoq.EmoSens, emoq.EmoAiry, emoq.EmoCats, emoq.EmoTion]
 A = EmoPulseAdaptive
@@ -169,14 +169,7 @@ def test_optimizer_resumes_bit_exactly(cls, precision, batch, monkeypatch):
     net = make_net()
     opt = cls(net.parameters(), **kw)
     train(net, opt, batch, 5)
-    buf = io.BytesIO()
-    torch.save({"model": net.state_dict(), "optim": opt.state_dict()}, buf)
-    buf.seek(0)
-    ckpt = torch.load(buf, weights_only=True)
-    net2 = make_net(seed=7)
-    net2.load_state_dict(ckpt["model"])
-    opt2 = cls(net2.parameters(), **kw)
-    opt2.load_state_dict(ckpt["optim"])
+    net2, opt2 = resume_from_bytes(net, opt, lambda ps: cls(ps, **kw), seed=7)
     train(net2, opt2, batch, 7, start=5)
     assert opt2.emo_pulse.state_dict() == want_sd
     assert all(torch.equal(a, b) for a, b in zip(params_of(net2), want))

@@ -436,7 +436,10 @@ class EmoOptimizer(Optimizer):
                               "see .skipped_steps; warned once)", RuntimeWarning, stacklevel=2)
             return result
         self._last_loss = loss_value
-        lr = self._pulse.update(loss_value, self._pulse.measure([p for _, u in units for p in u.params], self.state))
+        probe = None  # only a pulse that measures tensors (the adaptive one) gets the parameter list
+        if self._pulse.needs_probe:
+            probe = self._pulse.measure([p for _, u in units for p in u.params], self.state)
+        lr = self._pulse.update(loss_value, probe)
         hypers: dict[tuple, tuple[Hyper, Tensor | None]] = {}  # per group and device
         for group, unit in units:
             key = (id(group), unit.params[0].device)
