@@ -25,6 +25,12 @@ ETA_MIN = 1e-6
 ETA_MAX = 3e-3
 
 
+def _check_pulse_type(pulse: Any) -> None:
+    if not isinstance(pulse, str):
+        raise TypeError(f"pulse must be one of {sorted(EmoPulse.variants)} (a str), got {type(pulse).__name__} "
+                        f"{pulse!r}")
+
+
 def _check_scope(scope: Any) -> float:
     if isinstance(scope, bool) or not (isinstance(scope, (int, float)) and math.isfinite(scope) and scope > 0):
         raise ValueError(f"scope (the optimizer's lr) must be a finite float > 0, got {scope!r}")
@@ -67,7 +73,8 @@ class EmoPulse:
 
     def __new__(cls, *args: Any, pulse: str | None = None, **kwargs: Any) -> EmoPulse:
         if pulse is not None:
-            target = EmoPulse.variants.get(pulse) if isinstance(pulse, str) else None
+            _check_pulse_type(pulse)
+            target = EmoPulse.variants.get(pulse)
             if target is None:
                 raise ValueError(f"pulse must be one of {sorted(EmoPulse.variants)}, got {pulse!r}")
             if not issubclass(target, cls):
@@ -208,7 +215,7 @@ class EmoPulse:
         saved = state.get("pulse", "v3.8")  # states saved before variants existed are v3.8
         if saved != self.name:
             raise ValueError(f"cannot load a {saved!r} pulse state into the {self.name!r} pulse; build the "
-                             f"optimizer with pulse={saved!r} to resume this checkpoint")
+                             f"optimizer (or EmoPulseScheduler) with pulse={saved!r} to resume this checkpoint")
         return {"pulse": self.name, **check_pulse_state(state, self._CORE_FIELDS + self._FIELDS, self._OPTIONAL)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -265,8 +272,11 @@ def check_pulse_state(state: Any, fields: tuple[str, ...],
 
 def make_pulse(pulse: str, scope: float, noise_floor: float = 1e-10,
                stop_thresholds: tuple[float, float] = (1e-6, 1e-7)) -> EmoPulse:
-    """The variant named ``pulse`` (the optimizers' and the scheduler's ``pulse=``)."""
-    if not isinstance(pulse, str) or pulse not in EmoPulse.variants:
+    """The variant named ``pulse`` (the optimizers' and the scheduler's ``pulse=``).
+
+    Raises ``TypeError`` for a ``pulse`` that is not a string, ``ValueError`` for an unknown name."""
+    _check_pulse_type(pulse)
+    if pulse not in EmoPulse.variants:
         raise ValueError(f"pulse must be one of {sorted(EmoPulse.variants)}, got {pulse!r}")
     return EmoPulse(scope, noise_floor, stop_thresholds, pulse=pulse)
 

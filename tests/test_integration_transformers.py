@@ -115,6 +115,20 @@ def test_a_learning_rate_sized_scope_raises(tiny_dir, tmp_path):
         trainer.train()
 
 
+@pytest.mark.parametrize("pulse", ["v3.8", "v3.9", "adaptive"])
+def test_scope_problem_states_the_scale_for_every_variant(pulse):
+    from emoq.integrations import scope_problem
+
+    assert scope_problem("EmoSens", 1e-2) is None
+    message = scope_problem("EmoSens", 5e-5)
+    assert "up to 2e+04 times smaller" in message and "lr is the emoPulse scope" in message
+    # the claim holds for every variant: at lr=5e-5 each step size is at most 5e-5 times the lr=1.0 one
+    small, unit = emoq.EmoPulse(5e-5, pulse=pulse), emoq.EmoPulse(1.0, pulse=pulse)
+    probe = (0.0, 1.0, 1.0)
+    for loss in (3.0, 2.5, 2.4, 2.6, 2.0):
+        assert small.update(loss, probe) <= unit.update(loss, probe)
+
+
 def test_non_emo_optimizer_is_refused(tiny_dir, tmp_path):
     trainer = make_trainer(tiny_dir, tmp_path, callbacks=[EmoCallback()],
                            optimizer=lambda m: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad]))

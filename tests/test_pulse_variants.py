@@ -146,16 +146,27 @@ def test_every_variant_resumes_bit_exactly(name, seq, data):
 
 
 # ---------------------------------------------------------------- construction
-@pytest.mark.parametrize("bad", ["v3.7", "", None, 3.9, "ADAPTIVE"])
+@pytest.mark.parametrize("bad", ["v3.7", "", None, 3.9, "ADAPTIVE", ["v3.9"]])
 def test_unknown_variant_raises(bad):
     p = torch.nn.Parameter(torch.ones(2))
+    error = ValueError if isinstance(bad, str) else TypeError  # a name that is not a str is a TypeError
     if bad is not None:
-        with pytest.raises(ValueError, match="pulse must be one of"):
+        with pytest.raises(error, match="pulse must be one of"):
             EmoPulse(pulse=bad)
-        with pytest.raises(ValueError, match="pulse must be one of"):
+        with pytest.raises(error, match="pulse must be one of"):
             emoq.EmoPulseScheduler(torch.optim.SGD([p], lr=0.1), pulse=bad)
-    with pytest.raises(ValueError, match="pulse must be one of"):
+    with pytest.raises(error, match="pulse must be one of"):
         emoq.EmoSens([p], pulse=bad)
+
+
+def test_scheduler_checkpoint_of_another_variant_names_the_fix():
+    p = torch.nn.Parameter(torch.ones(2))
+    saved = emoq.EmoPulseScheduler(torch.optim.SGD([p], lr=0.1), pulse="v3.9").state_dict()
+    sched = emoq.EmoPulseScheduler(torch.optim.SGD([p], lr=0.1))
+    before = sched.state_dict()
+    with pytest.raises(ValueError, match=r"EmoPulseScheduler\) with pulse='v3.9'"):
+        sched.load_state_dict(saved)
+    assert sched.state_dict() == before
 
 
 def test_variant_class_refuses_another_name():
