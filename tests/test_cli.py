@@ -33,7 +33,7 @@ def test_finetune_writes_adapter_metrics_and_plot(tiny_dir, tmp_path, capsys):
     assert (out / "adapter" / "adapter_config.json").is_file()
     assert (out / "loss_pulse.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["optimizer"] == "EmoAiry8bit" and metrics["steps"] == 3 and metrics["held_out_examples"] == 8
+    assert metrics["optimizer"] == "EmoSens8bit" and metrics["steps"] == 3 and metrics["held_out_examples"] == 8
     for when in ("eval_before", "eval_after"):
         assert metrics[when]["perplexity"] == pytest.approx(math.exp(metrics[when]["loss"]))
     logs = [h for h in metrics["history"] if "loss" in h and "emo_pulse" in h]
@@ -83,7 +83,7 @@ def test_real_smollm2_two_steps(tmp_path):
                  "--set", "seq_len=64"])
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["steps"] == 2 and metrics["optimizer"] == "EmoAiry8bit"
+    assert metrics["steps"] == 2 and metrics["optimizer"] == "EmoSens8bit"
     assert metrics["trainable_parameters"] > 1e6  # LoRA on all linear layers of a 135M model
     assert 1 < metrics["eval_before"]["perplexity"] < 1000  # a real language model, not random init
     assert (tmp_path / "cache" / "models" / "SmolLM2-135M-Instruct.Q4_1" / "model.safetensors").is_file()

@@ -10,7 +10,7 @@ from tests.tiny_llm import char_tokenizer
 def test_defaults_are_the_embedded_offline_recipe():
     r = load_recipe(None)
     assert r.model == "builtin:smollm2-135m-instruct" and r.data == BUILTIN_DATA
-    assert r.optimizer == "EmoAiry8bit" and r.seq_len == 128 and r.batch_size == 4
+    assert r.optimizer == "EmoSens8bit" and r.pulse == "adaptive" and r.seq_len == 128 and r.batch_size == 4
 
 
 def test_yaml_and_overrides(tmp_path):
@@ -65,8 +65,15 @@ def test_fsdp_is_refused_without_cuda(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("CUDA present: FSDP is allowed")
     with pytest.raises(RecipeError, match="'fsdp_config'.*CUDA"):
-        finetune(load_recipe(None, ["fsdp_config={}", f"output_dir={tmp_path / 'out'}"]))
+        finetune(load_recipe(None, ["fsdp_config={}", "pulse=v3.8", f"output_dir={tmp_path / 'out'}"]))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_adaptive_pulse_with_fsdp_is_refused_at_validation():
+    # the adaptive pulse's probe is not sharded: refused in one line before any model loads
+    with pytest.raises(RecipeError, match="'pulse': 'adaptive' does not support fsdp"):
+        load_recipe(None, ["fsdp_config={}"])
+    assert load_recipe(None, ["fsdp_config={}", "pulse=v3.9"]).pulse == "v3.9"
 
 
 def test_bad_files(tmp_path):

@@ -47,9 +47,9 @@ class Recipe:
     max_train_samples: int | None = None
     seq_len: int = 128
     # optimisation
-    optimizer: str = "EmoAiry8bit"  # any emoq optimizer class name
+    optimizer: str = "EmoSens8bit"  # any emoq optimizer class name
     optimizer_kwargs: dict[str, Any] = field(default_factory=dict)
-    pulse: str = "v3.8"  # the optimizer's pulse= variant: v3.8 | v3.9 | adaptive (docs/pulse.md)
+    pulse: str = "adaptive"  # the optimizer's pulse= variant: v3.8 | v3.9 | adaptive (docs/pulse.md)
     weight_decay: float = 0.0  # passed to the Trainer (it sets every group's weight decay)
     batch_size: int = 4
     eval_batch_size: int = 8
@@ -88,6 +88,9 @@ class Recipe:
             # weights fail (bitsandbytes' FSDP-QLoRA guide: store them in the compute dtype)
             raise RecipeError(f"recipe key 'quant_storage': under fsdp the NF4 weights must be stored in the compute "
                               f"dtype ({fsdp_dtype}), got {self.quant_storage!r}; leave it auto")
+        if self.fsdp_config is not None and self.pulse == "adaptive":
+            raise RecipeError("recipe key 'pulse': 'adaptive' does not support fsdp yet (its probe is not sharded, "
+                              "docs/distributed.md); set pulse=v3.9 or v3.8 with fsdp_config")
         if self.max_train_samples is not None and self.max_train_samples < 1:
             raise RecipeError(f"recipe key 'max_train_samples' must be >= 1, got {self.max_train_samples!r}")
         if self.stop_after is not None and self.stop_after < 1:
