@@ -23,10 +23,14 @@ Low-bit specifics (docs/precision.md):
   second moment therefore never dequantizes to 0.
 - Tensors with fewer than ``min_lowbit_size`` elements, or whose size is not a multiple of the
   block size, keep fp32 states (the "small-tensor fallback").
+- Signed 4-bit states are rounded stochastically by the step (``STOCHASTIC``,
+  :func:`round_stochastic`), with a counter-based hash dither (:func:`dither`) instead of a
+  random generator; every other store rounds to the nearest code.
 
-Quantization itself is torchao's (``torchao.optim.quant_utils`` and ``subclass_fp8``); this
-module only chooses the maps and moves bytes. The functions on plain parts (``dequantize_parts``,
-``quantize_parts_``) are what the step functions in :mod:`emoq.kernels` compile.
+Block scaling, maps and packing are torchao's (``torchao.optim.quant_utils`` and
+``subclass_fp8``); this module chooses the maps, rounds and moves bytes. The functions on plain
+parts (``dequantize_parts``, ``quantize_parts_``) are what the step functions in
+:mod:`emoq.kernels` compile.
 """
 
 from __future__ import annotations
@@ -167,13 +171,12 @@ def dither(index: Tensor, seed: Tensor) -> Tensor:
 def floor_codes(x: Tensor, qmap_t: Tensor) -> Tensor:
     """The code of the largest map value ``<= x`` (int64; code 0 below the map), by a branchless
     binary search over the sorted map (16 entries at 4 bits: four lookups)."""
-    n = qmap_t.numel()
-    step = 1 << (n.bit_length() - 2)
-    codes = torch.where(x >= qmap_t[step], step, 0)
-    step //= 2
-    while step:
-        codes = codes + torch.where(x >= qmap_t[codes + step], step, 0)
-        step //= 2
+    half = 1 << (qmap_t.numel().bit_length() - 2)
+    codes = torch.where(x >= qmap_t[half], half, 0)
+    half //= 2
+    while half:
+        codes = codes + torch.where(x >= qmap_t[codes + half], half, 0)
+        half //= 2
     return codes
 
 
