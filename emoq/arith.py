@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 Scalar = float | Tensor
+STEP_PERIOD = 1 << 24  # Hyper.step is the step count modulo this: exact in fp32, so a compiled call gets it exactly
 
 
 def _fma(a: Tensor, b: Tensor, c: Tensor) -> Tensor:
@@ -88,7 +89,9 @@ def addcdiv(a: Tensor, b: Tensor, c: Tensor, value: Scalar) -> Tensor:
 
 class Hyper(NamedTuple):
     """The scalars of one step of one param group, derived in float64 from ``lr`` (the pulse η)
-    and the group's hyper-parameters: Python floats (eager) or fp32 0-dim tensors (compiled)."""
+    and the group's hyper-parameters: Python floats (eager) or fp32 0-dim tensors (compiled);
+    and ``step``, the optimizer's step count modulo ``STEP_PERIOD`` (exact in fp32),
+    which seeds the stochastic rounding of states."""
 
     lr: Scalar
     beta1: Scalar
@@ -99,12 +102,14 @@ class Hyper(NamedTuple):
     neg_lr: Scalar
     neg_lr_wd: Scalar
     one_minus_lr_wd: Scalar
+    step: Scalar = 0
 
     @classmethod
-    def of(cls, lr: float, group: dict) -> Hyper:
+    def of(cls, lr: float, group: dict, step: int = 0) -> Hyper:
         b1, b2 = group["betas"]
         wd = group["weight_decay"]
-        return cls(lr, b1, 1 - b1, b2, 1 - b2, group.get("eps", 0.0), -lr, -wd * lr, 1 - lr * wd)
+        return cls(lr, b1, 1 - b1, b2, 1 - b2, group.get("eps", 0.0), -lr, -wd * lr, 1 - lr * wd,
+                   int(step) % STEP_PERIOD)
 
     def as_tensor(self, device: torch.device) -> Tensor:
         """The same scalars as one fp32 tensor (each rounded once from float64, as ATen rounds a

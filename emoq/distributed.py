@@ -174,6 +174,11 @@ class Layout:
             return StatePlacement(shape, (self.local_rows,) + shape[1:], True)
         return StatePlacement(shape, shape, False)
 
+    def first_element(self, shape: tuple[int, ...], per_row: bool) -> int:
+        """Flat index, in the whole state of global ``shape``, of the first element held here
+        (0 unless the state is split by rows)."""
+        return self.start * math.prod(shape[1:]) if self.sharded and per_row else 0
+
     def quantizable(self, st: StatePlacement, block: int, min_size: int) -> bool:
         """Whether a state may be stored low-bit, decided from global shapes only (so every rank agrees).
 

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from emoq import compensate
 from emoq.arith import Hyper
-from emoq.states import dequantize_parts, quantize_parts_
+from emoq.states import dequantize_parts, dither, dither_seed, quantize_parts_, rounds_stochastically
 
 SMALL = 1 << 16  # parameters with fewer elements are stacked with the same-shape ones
 # static shapes (dynamic-shape kernels measured up to 4x slower on CPU); no bounds check on the
@@ -77,16 +77,33 @@ class Extent(NamedTuple):
 
 
 class StateLayout(NamedTuple):
-    """How one state is stored: precision, sign (unsigned states are kept as square roots) and shape."""
+    """How one state is stored: precision, sign (unsigned states are kept as square roots) and
+    shape; and where its elements sit in the whole state of their parameter, which numbers them
+    for stochastic rounding: ``members`` parameters stacked along a new dim 0, each holding the
+    elements from ``offset`` on (a row shard's first element; 0 for a state held whole)."""
 
     precision: str
     signed: bool
     shape: tuple[int, ...]
+    offset: int = 0
+    members: int = 1
+
+
+def element_index(layout: StateLayout, device: torch.device) -> Tensor:
+    """Each element's index (int64, flat) in the whole state of its own parameter: the same for
+    a parameter stepped alone or in a stack, whole or as a row shard (emoq.distributed)."""
+    n = 1
+    for s in layout.shape:
+        n *= s
+    index = torch.arange(n, dtype=torch.int64, device=device)
+    if layout.members > 1:
+        index = index % (n // layout.members)
+    return index + layout.offset if layout.offset else index
 
 
 def load_state(layout: StateLayout, parts: Sequence[Tensor]) -> Tensor:
     """The fp32 value of a state from its plain parts (see ``StateStorage.kernel_args``)."""
-    prec, signed, shape = layout
+    prec, signed, shape = layout.precision, layout.signed, layout.shape
     if prec in ("8bit", "4bit", "fp8"):
         n = 1
         for s in shape:
@@ -95,12 +112,20 @@ def load_state(layout: StateLayout, parts: Sequence[Tensor]) -> Tensor:
     return parts[0] if parts[0].dtype == torch.float32 else parts[0].float()
 
 
-def store_state(layout: StateLayout, parts: Sequence[Tensor], x: Tensor) -> None:
-    """Write the fp32 value ``x`` into a state's plain parts (quantizing a low-bit state)."""
-    prec, signed, _ = layout
+def store_state(layout: StateLayout, parts: Sequence[Tensor], x: Tensor, step: float | Tensor = 0,
+                which: int = 0) -> None:
+    """Write the fp32 value ``x`` into a state's plain parts (quantizing a low-bit state).
+
+    A state that ``rounds_stochastically`` is rounded with the dither of (its elements'
+    :func:`element_index`, the optimizer ``step``, ``which`` state of the parameter it is):
+    deterministic, no random generator read (docs/precision.md)."""
+    prec, signed = layout.precision, layout.signed
     if prec in ("8bit", "4bit", "fp8"):
         table = parts[3] if len(parts) == 4 else None
-        quantize_parts_(prec, signed, parts[0], parts[1], parts[2] if len(parts) > 2 else None, x, table)
+        u = None
+        if rounds_stochastically(prec, signed):
+            u = dither(element_index(layout, x.device), dither_seed(step, which))
+        quantize_parts_(prec, signed, parts[0], parts[1], parts[2] if len(parts) > 2 else None, x, table, u)
     else:
         parts[0].copy_(x)
 
@@ -152,8 +177,8 @@ def param_step(rule: Callable[..., Any], opts: dict, sig: ParamSig, p: Tensor, g
         g = g.float()
     states = tuple(load_state(layout, st) for layout, st in zip(sig.layouts, parts))
     x_new, new_states = rule(x, g, states, stats, h, sig.extent, **opts)
-    for layout, st, value in zip(sig.layouts, parts, new_states):
-        store_state(layout, st, value)
+    for which, (layout, st, value) in enumerate(zip(sig.layouts, parts, new_states)):
+        store_state(layout, st, value, h.step, which)
     compensate.store_value(p, x_new, residual, sig.compensation)
 
 

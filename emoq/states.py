@@ -23,10 +23,14 @@ Low-bit specifics (docs/precision.md):
   second moment therefore never dequantizes to 0.
 - Tensors with fewer than ``min_lowbit_size`` elements, or whose size is not a multiple of the
   block size, keep fp32 states (the "small-tensor fallback").
+- Signed 4-bit states are rounded stochastically by the step (``STOCHASTIC``,
+  :func:`round_stochastic`), with a counter-based hash dither (:func:`dither`) instead of a
+  random generator; every other store rounds to the nearest code.
 
-Quantization itself is torchao's (``torchao.optim.quant_utils`` and ``subclass_fp8``); this
-module only chooses the maps and moves bytes. The functions on plain parts (``dequantize_parts``,
-``quantize_parts_``) are what the step functions in :mod:`emoq.kernels` compile.
+Block scaling, maps and packing are torchao's (``torchao.optim.quant_utils`` and
+``subclass_fp8``); this module chooses the maps, rounds and moves bytes. The functions on plain
+parts (``dequantize_parts``, ``quantize_parts_``) are what the step functions in
+:mod:`emoq.kernels` compile.
 """
 
 from __future__ import annotations
@@ -118,6 +122,76 @@ def encode(x: Tensor, table: Tensor) -> Tensor:
     return ((entry & 0xFF) + up.to(torch.int32)).to(torch.uint8)
 
 
+# ---------------------------------------------------------------------- stochastic rounding
+STOCHASTIC: frozenset[tuple[str, bool]] = frozenset({("4bit", True)})
+"""``(precision, signed)`` of the states the step rounds stochastically (docs/precision.md)."""
+
+_MASK32 = 0xFFFFFFFF
+
+
+def rounds_stochastically(precision: str, signed: bool) -> bool:
+    """Whether the step stores a state of this precision and sign with :func:`round_stochastic`
+    (signed 4-bit states: a nearest 4-bit code flips the sign of small momentum blends)."""
+    return (precision, bool(signed)) in STOCHASTIC
+
+
+def _mul32(h: Tensor, c: int) -> Tensor:
+    """``h * c mod 2**32`` for int64 ``h`` in [0, 2**32) without int64 overflow: a constant
+    ``c >= 2**31`` is used as ``c - 2**32`` (same residue, ``|c| < 2**31``)."""
+    return (h * (c - (1 << 32) if c >= 1 << 31 else c)) & _MASK32
+
+
+def mix32(h: Tensor) -> Tensor:
+    """murmur3's 32-bit finalizer (a bijection of [0, 2**32)) on an int64 tensor of 32-bit values.
+
+    Integer ops only (exact, the same eager and compiled)."""
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def dither_seed(step: float | Tensor, which: int) -> Tensor:
+    """The int64 0-dim seed of state number ``which`` at optimizer step ``step`` (a Python number,
+    or the fp32 step scalar of a compiled call; below ``emoq.arith.STEP_PERIOD``, so exact either way)."""
+    s = step.to(torch.int64) if isinstance(step, Tensor) else torch.tensor(int(step), dtype=torch.int64)
+    return mix32((s * 16 + (which & 15) + 1) & _MASK32)
+
+
+def dither(index: Tensor, seed: Tensor) -> Tensor:
+    """Uniform fp32 values in [0, 1) (multiples of 2**-24), one per element ``index`` (int64): a
+    counter-based hash of (index, seed), so no random generator is read or advanced."""
+    h = mix32((index & _MASK32) ^ seed)
+    if index.numel() > _MASK32:  # indices beyond 32 bits: mix the high word in too
+        h = mix32(h ^ (index >> 32))
+    return (h >> 8).to(torch.float32) * 2.0 ** -24
+
+
+def floor_codes(x: Tensor, qmap_t: Tensor) -> Tensor:
+    """The code of the largest map value ``<= x`` (int64; code 0 below the map), by a branchless
+    binary search over the sorted map (16 entries at 4 bits: four lookups)."""
+    half = 1 << (qmap_t.numel().bit_length() - 2)
+    codes = torch.where(x >= qmap_t[half], half, 0)
+    half //= 2
+    while half:
+        codes = codes + torch.where(x >= qmap_t[codes + half], half, 0)
+        half //= 2
+    return codes
+
+
+def round_stochastic(x: Tensor, qmap_t: Tensor, u: Tensor) -> Tensor:
+    """Codes (uint8) of ``x`` (scaled to the map's range) rounded stochastically: the neighbouring
+    code below ``x`` or the one above, up with probability ``(x - down) / (up - down)`` decided by
+    ``u < that`` (``u`` uniform in [0, 1), e.g. :func:`dither`), so ``E[value] = x`` within the
+    map's range. Outside it the end code (as nearest rounding)."""
+    down = floor_codes(x, qmap_t)
+    up = (down + 1).clamp(max=qmap_t.numel() - 1)
+    lo, hi = qmap_t[down], qmap_t[up]
+    # 0/0 = NaN at the top code and a negative ratio below the map: never rounded up
+    return torch.where(u < (x - lo) / (hi - lo), up, down).to(torch.uint8)
+
+
 # ---------------------------------------------------------------------- plain-part kernels
 def dequantize_parts(precision: str, signed: bool, codes: Tensor, scale: Tensor, qmap_t: Tensor | None,
                      numel: int) -> Tensor:
@@ -141,10 +215,12 @@ def dequantize_parts(precision: str, signed: bool, codes: Tensor, scale: Tensor,
 
 
 def quantize_parts_(precision: str, signed: bool, codes: Tensor, scale: Tensor, qmap_t: Tensor | None,
-                    x: Tensor, table: Tensor | None = None) -> None:
+                    x: Tensor, table: Tensor | None = None, u: Tensor | None = None) -> None:
     """Quantize the fp32 values ``x`` into ``codes``/``scale`` in place (unsigned: stores sqrt).
 
     ``table`` (from :func:`encode_table`) replaces torchao's binary search by one lookup.
+    ``u`` (4-bit only: one uniform value in [0, 1) per element, e.g. :func:`dither`) rounds
+    stochastically (:func:`round_stochastic`) instead of to the nearest code.
     Saturating: an inf is stored as the largest fp32 value, so a block scale is always finite
     and every code dequantizes to a finite value (squared, for unsigned states).
     """
@@ -158,7 +234,10 @@ def quantize_parts_(precision: str, signed: bool, codes: Tensor, scale: Tensor, 
         codes.view(-1).copy_(quantize_8bit_with_qmap(scaled, qmap_t) if table is None else encode(scaled, table))
     elif precision == "4bit":
         scaled, s = scale_tensor(x, block)
-        q = quantize_4bit_with_qmap(scaled, qmap_t) if table is None else encode(scaled, table)
+        if u is not None:
+            q = round_stochastic(scaled, qmap_t, u.reshape(-1))
+        else:
+            q = quantize_4bit_with_qmap(scaled, qmap_t) if table is None else encode(scaled, table)
         codes.copy_((q[::2] << 4) | q[1::2])
     else:
         from torchao.optim.subclass_fp8 import quantize_fp8

@@ -84,10 +84,18 @@ def test_stack_member_without_gradient():
     assert all(torch.equal(a, b) for a, b in zip(fast, ref))
 
 
-@pytest.mark.parametrize("cls,precision", [(emoq.EmoSens, "8bit"), (emoq.EmoCats, "4bit")])
+@pytest.mark.parametrize("cls,precision", [(emoq.EmoSens, "8bit"), (emoq.EmoCats, "4bit"), (emoq.EmoSens, "4bit")])
 def test_lowbit_stacks_equal_the_reference_path(cls, precision):
-    # Dequantize -> rule -> quantize compiled, stacked: the same codes as eagerly, one by one.
+    # Dequantize -> rule -> quantize compiled, stacked: the same codes as eagerly, one by one
+    # (4-bit signed states: the same stochastic rounding, numbered within each parameter, with
+    # the step count reaching the compiled call as a tensor).
     fast, ref, o_fast, o_ref = both_paths(cls, state_precision=precision, min_lowbit_size=0)
+    assert all(torch.equal(a, b) for a, b in zip(fast, ref))
+    units = o_fast._unit_cache[next(iter(o_fast._unit_cache))]
+    assert sorted(len(u.params) for u in units) == [1, 6]  # stacked compiled vs one by one eagerly
+    with torch._dynamo.config.patch(error_on_recompile=True):  # a new step count compiles nothing
+        train(fast, o_fast, 2, seed=2)
+        train(ref, o_ref, 2, seed=2)
     assert all(torch.equal(a, b) for a, b in zip(fast, ref))
     for a, b in zip(fast, ref):
         for name in o_ref.state[b]:

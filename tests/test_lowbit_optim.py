@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import emoq
-from emoq.states import BLOCK_SIZE, is_lowbit, state_bytes
+from emoq.states import BLOCK_SIZE, is_lowbit, rounds_stochastically, state_bytes
 from tests.conftest import make_net, train
 
 FAMILIES = [emoq.EmoSens, emoq.EmoAiry, emoq.EmoCats, emoq.EmoTion]
@@ -48,13 +48,15 @@ def test_first_step_matches_fp32(cls, precision, batch):
             n_lowbit += is_lowbit(s)
             if precision == "bf16":
                 assert torch.equal(got, ref.bfloat16().float())
-            elif is_lowbit(s):  # coarse envelope: one rounding is at most 1/8 of the block max;
+            elif is_lowbit(s):  # coarse envelope: one nearest rounding is at most 1/8 of the block
+                # max, a stochastic one (signed 4-bit) at most one gap of the map (0.225 of it);
                 # an all-zero block (dead units) reads as the zero-free floor under torchao's
                 # 1e-12 minimum scale, hence the 1e-12 absolute slack
                 block = BLOCK_SIZE[precision]
                 r = ref.reshape(-1, block) if s.signed else ref.sqrt().reshape(-1, block)
                 o = got.reshape(-1, block) if s.signed else got.sqrt().reshape(-1, block)
-                assert bool(((o - r).abs() <= 0.125 * r.abs().amax(1, keepdim=True) + 1e-12).all())
+                bound = 0.25 if rounds_stochastically(precision, s.signed) else 0.125
+                assert bool(((o - r).abs() <= bound * r.abs().amax(1, keepdim=True) + 1e-12).all())
             else:
                 assert torch.equal(got, ref)
     assert precision == "bf16" or n_lowbit > 0

@@ -444,7 +444,7 @@ class EmoOptimizer(Optimizer):
         for group, unit in units:
             key = (id(group), unit.params[0].device)
             if key not in hypers:
-                h = Hyper.of(lr, group)
+                h = Hyper.of(lr, group, self._pulse.steps)
                 hypers[key] = (h, h.as_tensor(key[1]) if self._runner.compiling else None)
             self._step_unit(group, unit, *hypers[key])
         for group in self.param_groups:
@@ -591,7 +591,7 @@ class EmoOptimizer(Optimizer):
         for name, layout in zip(specs, items[0][0].layouts):
             kparts, members = self._storage.stack([self.state[p][name] for p in unit.params])
             parts.append(kparts)
-            layouts.append(StateLayout(layout.precision, layout.signed, (len(unit.params),) + layout.shape))
+            layouts.append(layout._replace(shape=(len(unit.params),) + layout.shape, members=len(unit.params)))
             for p, view in zip(unit.params, members):
                 self.state[p][name] = view
         residual = None
@@ -624,8 +624,10 @@ class EmoOptimizer(Optimizer):
         if missing:
             raise KeyError(f"{type(self).__name__}: states {missing} missing for a parameter of shape "
                            f"{tuple(p.shape)}")
+        where = self._layout(p)
         layouts = tuple(StateLayout(precision_of(state[n]), bool(getattr(state[n], "signed", spec.signed)),
-                                    tuple(state[n].shape)) for n, spec in specs.items())
+                                    tuple(state[n].shape), where.first_element(spec.shape, spec.per_row))
+                        for n, spec in specs.items())
         parts = [self._storage.kernel_args(state[n]) for n in specs]
         residual = None
         if compensate.needs_residual(p, self.compensation):
