@@ -224,6 +224,71 @@ class ProdigyBackoff(Prodigy, register=False):
 CANDIDATES = {c.name[5:]: c for c in (Prodigy, ProdigyGuard, HyperCos, DoG, X0Cos, ProdigyBackoff)}
 
 
+class Calibrated(Candidate, register=False):
+    """The library's adaptive pulse, with the step of a sign rule scaled by ``kappa`` = the RMS of an
+    Adam direction ``m / sqrt(v)`` (bias-corrected EMAs of the gradient on the probe's subset): a
+    sign step moves every coordinate by eta, an Adam step by eta * |m / sqrt(v)|, so ``kappa``
+    puts both in the same units. EmoSens (an Adam rule) keeps ``kappa = 1``.
+    Keys: ``gain``, ``eta0``, ``backoff``, ``max_change``, ``sign`` (1: apply kappa), ``b1``, ``b2``,
+    ``kpow`` (kappa ** kpow)."""
+
+    name = "cand-calib"
+
+    def extra_init(self) -> None:
+        from emoq.pulse import EmoPulseAdaptive
+
+        kw = self.kw
+        cls = type("Inner", (EmoPulseAdaptive,), {"GAIN": kw.get("gain", 0.1), "ETA0": kw.get("eta0", 1e-4),
+                                                     "BACKOFF": kw.get("backoff", 3.0),
+                                                     "MAX_CHANGE": kw.get("max_change", 0.3)}, register=False)
+        self.inner = cls(self.initial_scope, self.noise_floor, self.stop_thresholds)
+        self.apply_kappa = bool(kw.get("sign", 1.0))
+        self.b1, self.b2 = kw.get("b1", 0.9), kw.get("b2", 0.999)
+        self.kpow = kw.get("kpow", 1.0)
+        self.m: dict[int, torch.Tensor] = {}
+        self.v: dict[int, torch.Tensor] = {}
+        self.kappa = 1.0
+        self.t = 0
+        self.chain = kw.get("chain", 0.0)  # > 0: times max(100**c, 1e-2) ** chain, c = v3.9's chain EMA
+        self.c = 0.0
+
+    def _kappa(self) -> float:
+        self.t += 1
+        num, n = 0.0, 0
+        for group in self.opt.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = p.grad.detach().reshape(-1)[::61].float()
+                m = self.m.setdefault(id(p), torch.zeros_like(g))
+                v = self.v.setdefault(id(p), torch.zeros_like(g))
+                m.mul_(self.b1).add_(g, alpha=1 - self.b1)
+                v.mul_(self.b2).addcmul_(g, g, value=1 - self.b2)
+                mh = m / (1 - self.b1 ** self.t)
+                vh = v / (1 - self.b2 ** self.t)
+                num += float((mh.square() / (vh + 1e-30)).sum())
+                n += g.numel()
+        return math.sqrt(num / max(n, 1))
+
+    def update(self, loss: float, probe: Any = None) -> float:
+        from emoq.probe import distance_probe
+
+        params = [p for g in self.opt.param_groups for p in g["params"] if p.grad is not None]
+        pr = distance_probe(params, self.opt.state)
+        self.kappa = self._kappa() ** self.kpow if self.apply_kappa else 1.0
+        self.inner.update(loss, pr)
+        self._observe(float(loss), None)  # keeps the core (shadow) fields moving like the library's
+        self.c = 0.7 * self.c + 0.3 * self.scalar
+        eta = self.inner.eta * self.kappa * (max(100.0 ** self.c, 1e-2) ** self.chain if self.chain else 1.0)
+        self.should_stop = False
+        self.eta = eta
+        self.steps += 1
+        return eta
+
+
+CANDIDATES["calib"] = Calibrated
+
+
 def adaptive_variant(**constants: float) -> type:
     """The library's adaptive pulse with other constants (GAIN, TARGET, MAX_CHANGE, ETA_MAX, ...)."""
     from emoq.pulse import EmoPulseAdaptive
