@@ -348,11 +348,13 @@ def test_scheduler_refuses_a_bad_state_and_changes_nothing(bad, batch):
 def test_recipe_pulse_key_reaches_the_optimizer():
     from emoq.recipes.config import Recipe, RecipeError
 
-    recipe = Recipe(optimizer="EmoCats", pulse="adaptive").validate()
-    assert recipe.full_optimizer_kwargs == {"pulse": "adaptive"}
+    recipe = Recipe(optimizer="EmoCats", pulse="v3.9").validate()
+    assert recipe.full_optimizer_kwargs == {"pulse": "v3.9"}
     assert recipe.optimizer_cls([torch.nn.Parameter(torch.ones(2))], **recipe.full_optimizer_kwargs).emo_pulse.name \
-        == "adaptive"
-    assert Recipe().pulse == "v3.8"
+        == "v3.9"
+    assert Recipe().pulse == "adaptive"  # the default recipe's choice (the pulse study, QLoRA)
+    assert Recipe().validate().optimizer_cls([torch.nn.Parameter(torch.ones(2))],
+                                             **Recipe().full_optimizer_kwargs).emo_pulse.name == "adaptive"
     with pytest.raises(RecipeError, match="recipe key 'pulse'"):
         Recipe(pulse="v4").validate()
     with pytest.raises(RecipeError, match="recipe key 'pulse'"):
