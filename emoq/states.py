@@ -403,8 +403,13 @@ class StateStorage:
             state = OptimStateFp8(torch.zeros(shape, dtype=FP8, device=device),
                                   torch.zeros(numel // block, device=device))
             state.signed = signed  # fp8 has no map; remember how to read it
-        if not signed:  # sqrt storage of 0
-            quantize_parts_(self.precision, signed, *parts(state), torch.zeros(numel, device=device))
+        if not signed and numel:  # sqrt storage of 0: every block holds the codes and scale of one block of zeros
+            codes, scale, qmap_t = parts(state)
+            one = codes.view(-1)[: codes.numel() // scale.numel()].clone()
+            one_scale = scale[:1].clone()
+            quantize_parts_(self.precision, signed, one, one_scale, qmap_t, torch.zeros(block, device=device))
+            codes.view(scale.numel(), -1).copy_(one.view(1, -1))
+            scale.fill_(one_scale.item())
         return state
 
     # -------------------------------------------------------------- working copies
