@@ -47,26 +47,26 @@ def _cpu_name() -> str:
 
 
 # ---------------------------------------------------------------------- parameter sets
-def big_weight() -> list[torch.nn.Parameter]:
+def big_weight(device: str = "cpu") -> list[torch.nn.Parameter]:
     """One 4096 x 4096 fp32 weight."""
-    return [torch.nn.Parameter(torch.randn(4096, 4096) * 0.02)]
+    return [torch.nn.Parameter((torch.randn(4096, 4096) * 0.02).to(device))]
 
 
-def lora_set(layers: int = 30, hidden: int = 576, kv: int = 192, inter: int = 1536, r: int = 8
-             ) -> list[torch.nn.Parameter]:
+def lora_set(layers: int = 30, hidden: int = 576, kv: int = 192, inter: int = 1536, r: int = 8,
+             device: str = "cpu") -> list[torch.nn.Parameter]:
     """LoRA A/B matrices (r=8) on q,k,v,o,gate,up,down of a SmolLM2-135M-shaped model."""
     shapes = []
     for out_f, in_f in [(hidden, hidden), (kv, hidden), (kv, hidden), (hidden, hidden), (inter, hidden),
                         (inter, hidden), (hidden, inter)]:
         shapes += [(r, in_f), (out_f, r)]
     g = torch.Generator().manual_seed(0)
-    return [torch.nn.Parameter(torch.randn(s, generator=g) * 0.02) for _ in range(layers) for s in shapes]
+    return [torch.nn.Parameter((torch.randn(s, generator=g) * 0.02).to(device)) for _ in range(layers) for s in shapes]
 
 
 def set_grads(params: list[torch.nn.Parameter], seed: int = 0) -> None:
     g = torch.Generator().manual_seed(seed)
     for p in params:
-        p.grad = torch.randn(p.shape, generator=g) * 1e-3
+        p.grad = (torch.randn(p.shape, generator=g) * 1e-3).to(p.device)
 
 
 # ---------------------------------------------------------------------- optimizers
@@ -145,9 +145,14 @@ def state_bytes(opt: Any) -> int:
     return total
 
 
-def timed(fn: Callable[[], None]) -> float:
+def timed(fn: Callable[[], None], sync: bool = False) -> float:
+    """Seconds ``fn`` takes (``sync``: waiting for the CUDA device before and after)."""
+    if sync:
+        torch.cuda.synchronize()
     t = time.perf_counter()
     fn()
+    if sync:
+        torch.cuda.synchronize()
     return time.perf_counter() - t
 
 

@@ -1,4 +1,4 @@
-"""Optimizer step time on CPU: Emo families x state precision vs torch / bitsandbytes / torchao.
+"""Optimizer step time: Emo families x state precision vs torch / bitsandbytes / torchao.
 
 Parameter sets: one 4096 x 4096 weight, and the LoRA (r=8) matrices of a SmolLM2-135M-shaped
 model (``--lora``). Threads pinned (default 2). Each optimizer gets ``--warmup`` untimed steps
@@ -6,9 +6,14 @@ model (``--lora``). Threads pinned (default 2). Each optimizer gets ``--warmup``
 and its ratio to torch's fused AdamW and to the faster of bnb / torchao AdamW8bit, all measured
 in the same run. Emo optimizers get a synthetic loss each step (``opt.step(loss=...)``).
 
-    python -m bench.speed [--steps 7] [--warmup 3] [--threads 2] [--lora] [--only NAME ...]
+``--device cuda`` times on the GPU (synchronised) and adds the achieved memory bandwidth: the
+least bytes a step must move (read and write the weights, read the gradients, read and write
+every state tensor: ``2 P + G + 2 S``) over the step time, against a plain ``copy_`` of as many
+bytes on the same device.
 
-Writes speed_4096.json (speed_lora.json with --lora).
+    python -m bench.speed [--steps 7] [--warmup 3] [--threads 2] [--lora] [--only NAME ...] [--device cuda]
+
+Writes speed_4096.json (speed_lora.json with --lora; ``_cuda`` before ``.json`` on the GPU).
 """
 
 from __future__ import annotations
@@ -37,19 +42,33 @@ def makers() -> dict:
     return out
 
 
-def time_one(make, params_fn, steps: int, warmup: int) -> dict:
+def time_one(make, params_fn, steps: int, warmup: int, sync: bool = False) -> dict:
     params = params_fn()
     try:
         opt = make(params)
         common.set_grads(params)
-        warm = [common.timed(lambda i=i: common.step(opt, i)) for i in range(warmup)]
-        times = [common.timed(lambda i=i: common.step(opt, warmup + i)) for i in range(steps)]
-        return {"median_s": common.median(times), "times_s": times, "warmup_s": warm}
+        warm = [common.timed(lambda i=i: common.step(opt, i), sync) for i in range(warmup)]
+        times = [common.timed(lambda i=i: common.step(opt, warmup + i), sync) for i in range(steps)]
+        param_bytes = sum(p.numel() * p.element_size() for p in params)
+        moved = 3 * param_bytes + 2 * common.state_bytes(opt)  # 2 P + G (same dtype) + 2 S
+        return {"median_s": common.median(times), "times_s": times, "warmup_s": warm, "min_bytes_moved": moved}
     except Exception as exc:  # noqa: BLE001 - a peer that cannot run says so in the table
         return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"}
     finally:
         del params
         gc.collect()
+
+
+def copy_bandwidth(nbytes: int, device: str, repeats: int = 20) -> float:
+    """Bytes per second of ``dst.copy_(src)`` moving ``nbytes`` (half read, half written)."""
+    import torch
+
+    src = torch.empty(max(nbytes // 2, 1), dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    t = common.median([common.timed(lambda: dst.copy_(src), device.startswith("cuda")) for _ in range(repeats)])
+    return 2 * src.numel() / t
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -59,16 +78,19 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--lora", action="store_true", help="time the LoRA parameter set instead of 4096x4096")
     ap.add_argument("--only", nargs="*", default=None)
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     common.pin_threads(args.threads)
     common.quiet()
-    params_fn = common.lora_set if args.lora else common.big_weight
+    sync = args.device.startswith("cuda")
+    params_fn = (lambda: common.lora_set(device=args.device)) if args.lora else (
+        lambda: common.big_weight(args.device))
     all_makers = makers()
     names = args.only or DEFAULT
     results = {}
     for name in names:
-        results[name] = time_one(all_makers[name], params_fn, args.steps, args.warmup)
+        results[name] = time_one(all_makers[name], params_fn, args.steps, args.warmup, sync)
         r = results[name]
         print(f"{name:24s} " + (f"{r['median_s'] * 1e3:9.1f} ms (warm-up {sum(r['warmup_s']):.1f} s)"
                                 if "median_s" in r else r["error"]), flush=True)
@@ -83,18 +105,30 @@ def main(argv: list[str] | None = None) -> dict:
             row["step ms"] = r["median_s"] * 1e3
             row["/ torch AdamW fused"] = r["median_s"] / fused if fused else None
             row["/ best 8-bit peer"] = r["median_s"] / best8 if best8 else None
+            if sync:
+                row["GB/s"] = r["min_bytes_moved"] / r["median_s"] / 1e9
+                row["/ copy_"] = row["GB/s"] * 1e9 / copy_bandwidth(r["min_bytes_moved"], args.device)
         else:
             row["step ms"] = f"cannot run: {r['error']}"
         rows.append(row)
     what = "LoRA r=8 set (SmolLM2-135M shapes)" if args.lora else "one 4096x4096 fp32 weight"
-    print(f"\nstep time, {what}, {args.threads} threads, median of {args.steps} after {args.warmup} warm-up\n"
-          + common.table(rows, ["optimizer", "step ms", "/ torch AdamW fused", "/ best 8-bit peer"]))
-    payload = {"env": common.environment(), "params": what, "steps": args.steps, "warmup": args.warmup,
+    where = torch_device_name(args.device) if sync else f"{args.threads} threads"
+    cols = ["optimizer", "step ms", "/ torch AdamW fused", "/ best 8-bit peer"] + (["GB/s", "/ copy_"] if sync else [])
+    print(f"\nstep time, {what}, {where}, median of {args.steps} after {args.warmup} warm-up\n"
+          + common.table(rows, cols))
+    payload = {"env": common.environment(), "device": where, "params": what, "steps": args.steps, "warmup": args.warmup,
                "best_8bit_peer_s": best8, "torch_adamw_fused_s": fused, "rows": rows, "raw": results}
-    path = common.write_json("speed_lora.json" if args.lora else "speed_4096.json", payload,
+    suffix = "_cuda" if sync else ""
+    path = common.write_json(f"speed_lora{suffix}.json" if args.lora else f"speed_4096{suffix}.json", payload,
                              None if args.out is None else Path(args.out))
     print(f"wrote {path}")
     return payload
+
+
+def torch_device_name(device: str) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(torch.device(device))
 
 
 if __name__ == "__main__":

@@ -205,6 +205,35 @@ def _make_stats_fn(stats: Callable[..., tuple[Tensor, ...]], extent: Extent) -> 
 
 
 _COMPILED: dict[tuple, Callable[..., Any]] = {}  # shared by all optimizers of the process
+_CASTS_ROUND: dict[tuple[torch.dtype, str], bool] = {}
+
+
+def compiled_casts_round(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether compiled code (``COMPILE_OPTIONS``) on ``device``'s kind keeps the rounding of a
+    cast to ``dtype`` (bf16 / fp16), which every compensation of low-precision weights needs.
+
+    Checked once per process on a probe: ``x - x.to(dtype).float()`` with ``x`` between two
+    ``dtype`` values must not be 0. Measured: true on torch 2.13 (CPU); on torch 2.11 (CPU part
+    of a CUDA build) compiled stochastic rounding never rounded up and error feedback differed
+    from eager, the fold that ``emulate_precision_casts`` should prevent.
+    """
+    key = (dtype, torch.device(device).type)
+    if key not in _CASTS_ROUND:
+        x = torch.full((8,), 1.0 + 2.0 ** -12, device=device)  # 1 + 2^-12 rounds to 1 in bf16 and fp16
+
+        def residual(t: Tensor) -> Tensor:
+            return t - t.to(dtype).float()
+
+        try:
+            got = torch.compile(residual, **COMPILE_OPTIONS)(x)
+            _CASTS_ROUND[key] = bool(torch.equal(got, residual(x)))
+        except Exception:  # noqa: BLE001 - no compiler: the step's own compile fails loudly later
+            _CASTS_ROUND[key] = True
+        if not _CASTS_ROUND[key]:
+            warnings.warn(f"emoq: torch {torch.__version__}'s compiled code drops the rounding of casts to {dtype} "
+                          f"on {key[1]} (x.to({dtype}).float() becomes x): {dtype} weights are stepped eagerly "
+                          "(the reference path, exact, slower)", RuntimeWarning, stacklevel=4)
+    return _CASTS_ROUND[key]
 
 
 class Runner:
@@ -242,7 +271,8 @@ class Runner:
              stats: tuple[Tensor, ...], parts: list[list[Tensor]], residual: Tensor | None, h: Hyper,
              c: Tensor | None = None, before: Callable[[Tensor], None] | None = None) -> None:
         """One step of a parameter (or stack) ``p``; ``c`` is ``h`` as a tensor (compiled calls)."""
-        if before is None and self.compiling:
+        if before is None and self.compiling and (p.dtype not in compensate.LOW_PRECISION
+                                                  or compiled_casts_round(p.dtype, p.device)):
             okey = tuple(sorted(opts.items()))
             key = ("step", rule, okey, sig)
             compiled = _COMPILED.get(key)

@@ -179,7 +179,11 @@ NAN_GRAD_STEP = 2  # rank 1's shard of the first weight gets a NaN gradient: eve
 
 
 def _shard(net: torch.nn.Module, mesh=None) -> torch.nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+
+    if mesh is None:  # a CPU mesh also where CUDA exists (fully_shard's default would move the net there)
+        mesh = init_device_mesh("cpu", (dist.get_world_size(),))
 
     for m in net:
         if isinstance(m, torch.nn.Linear):

@@ -175,8 +175,8 @@ class RefEmo:
     def _tion(self, p, g, st, eta):
         if factored(p):
             G = g.reshape(p.shape[0], -1)
-            row = st.get("row", torch.zeros(G.shape[0], dtype=g.dtype))
-            col = st.get("col", torch.zeros(G.shape[1], dtype=g.dtype))
+            row = st.get("row", torch.zeros(G.shape[0], dtype=g.dtype, device=g.device))
+            col = st.get("col", torch.zeros(G.shape[1], dtype=g.dtype, device=g.device))
             u = torch.sign(self.axpy(self.b1 * torch.outer(row, col), G, 1 - self.b1)).reshape(p.shape)
             st["row"] = self.axpy(self.b2 * row, G.mean(dim=1), 1 - self.b2)
             st["col"] = self.axpy(self.b2 * col, G.mean(dim=0), 1 - self.b2)

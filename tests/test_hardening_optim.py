@@ -489,3 +489,27 @@ def test_shadow_blend_rounds_like_the_reference():
             opt.step(loss=loss)
             ref.step(loss)
             assert torch.equal(p.detach(), rp.detach())
+
+
+@pytest.mark.parametrize("pulse", ["v3.8", "adaptive"])
+@pytest.mark.parametrize("cls", [emoq.EmoSens, emoq.EmoAiry, emoq.EmoCats, emoq.EmoTion])
+def test_no_gradient_outlives_its_step(cls, pulse):
+    # The optimizer kept every step's gradients (cached per-unit lists) until the next step, so
+    # after zero_grad(set_to_none=True) they stayed alive through the next backward: +1x gradient
+    # memory at the peak (538 MB on the SmolLM2-135M full fine-tune). Also after a skipped step.
+    import gc
+    import weakref
+
+    params = [torch.nn.Parameter(torch.randn(64, 64)), torch.nn.Parameter(torch.randn(8)),
+              torch.nn.Parameter(torch.randn(8))]  # the two small ones are stepped as a stack
+    opt = cls(params, pulse=pulse)
+    for bad in (False, True, False):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        if bad:
+            params[0].grad[0, 0] = float("nan")
+        refs = [weakref.ref(p.grad) for p in params]
+        opt.step(loss=1.0)
+        opt.zero_grad(set_to_none=True)
+        gc.collect()
+        assert not any(r() is not None for r in refs), (bad, [r() is not None for r in refs])

@@ -113,6 +113,22 @@ def test_bf16_weights_compensation_compiled_equals_eager(mode):
         assert any(o_fast.state[p]["residual"].abs().max() > 0 for p in fast)
 
 
+def test_casts_round_probe_and_its_eager_fallback(monkeypatch):
+    # This torch keeps bf16 roundings compiled; where a torch does not (seen: 2.11 on CPU), bf16
+    # weights are stepped eagerly with a warning: the reference path's results, not silently
+    # uncompensated ones.
+    assert kernels.compiled_casts_round(torch.bfloat16, torch.device("cpu"))
+    assert kernels.compiled_casts_round(torch.float16, torch.device("cpu"))
+    monkeypatch.setitem(kernels._CASTS_ROUND, (torch.bfloat16, "cpu"), False)
+    monkeypatch.setattr(kernels, "_COMPILED", {})  # a compiled step would show as a new entry
+    fast, ref, o_fast, _ = both_paths(emoq.EmoSens, dtype=torch.bfloat16, compensation="error_feedback")
+    assert all(torch.equal(a, b) for a, b in zip(fast, ref))
+    assert not any(k[0] == "step" for k in kernels._COMPILED)
+    fp32 = make_params()  # fp32 weights still compile
+    train(fp32, emoq.EmoSens(fp32), 1)
+    assert any(k[0] == "step" for k in kernels._COMPILED)
+
+
 def test_stochastic_rounding_compiled_is_unbiased():
     # Compiled code computes bf16 ops in fp32; the other neighbour is found on the bit pattern.
     from emoq.compensate import stochastic_round

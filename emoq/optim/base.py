@@ -423,33 +423,38 @@ class EmoOptimizer(Optimizer):
             return None
         result, loss_value = self._take_loss(closure, loss)
         units = [(group, unit) for group, params in self._params_with_grad() for unit in self._units(group, params)]
-        grads_ok = self._gradient_stats([unit for _, unit in units])
-        device = units[0][1].params[0].device if units else None
-        loss_value, finite = reduce_loss(loss_value, grads_ok, device)
-        self.discard_recorded_losses()
-        if not finite:
-            self.skipped_steps += 1
-            if not self._warned_skip:
-                self._warned_skip = True
-                warnings.warn(f"{type(self).__name__}: non-finite loss, or a gradient that is non-finite or so large "
-                              "its square overflows fp32; step skipped (parameters, states and pulse unchanged; "
-                              "see .skipped_steps; warned once)", RuntimeWarning, stacklevel=2)
+        try:
+            grads_ok = self._gradient_stats([unit for _, unit in units])
+            device = units[0][1].params[0].device if units else None
+            loss_value, finite = reduce_loss(loss_value, grads_ok, device)
+            self.discard_recorded_losses()
+            if not finite:
+                self.skipped_steps += 1
+                if not self._warned_skip:
+                    self._warned_skip = True
+                    warnings.warn(f"{type(self).__name__}: non-finite loss, or a gradient that is non-finite or so large "
+                                  "its square overflows fp32; step skipped (parameters, states and pulse unchanged; "
+                                  "see .skipped_steps; warned once)", RuntimeWarning, stacklevel=2)
+                return result
+            self._last_loss = loss_value
+            probe = None  # only a pulse that measures tensors (the adaptive one) gets the parameter list
+            if self._pulse.needs_probe:
+                probe = self._pulse.measure([p for _, u in units for p in u.params], self.state)
+            lr = self._pulse.update(loss_value, probe)
+            hypers: dict[tuple, tuple[Hyper, Tensor | None]] = {}  # per group and device
+            for group, unit in units:
+                key = (id(group), unit.params[0].device)
+                if key not in hypers:
+                    h = Hyper.of(lr, group, self._pulse.steps)
+                    hypers[key] = (h, h.as_tensor(key[1]) if self._runner.compiling else None)
+                self._step_unit(group, unit, *hypers[key])
+            for group in self.param_groups:
+                group["lr"] = lr
             return result
-        self._last_loss = loss_value
-        probe = None  # only a pulse that measures tensors (the adaptive one) gets the parameter list
-        if self._pulse.needs_probe:
-            probe = self._pulse.measure([p for _, u in units for p in u.params], self.state)
-        lr = self._pulse.update(loss_value, probe)
-        hypers: dict[tuple, tuple[Hyper, Tensor | None]] = {}  # per group and device
-        for group, unit in units:
-            key = (id(group), unit.params[0].device)
-            if key not in hypers:
-                h = Hyper.of(lr, group, self._pulse.steps)
-                hypers[key] = (h, h.as_tensor(key[1]) if self._runner.compiling else None)
-            self._step_unit(group, unit, *hypers[key])
-        for group in self.param_groups:
-            group["lr"] = lr
-        return result
+        finally:  # the units are cached: holding this step's gradients would keep them alive after
+            for _, unit in units:  # zero_grad(set_to_none=True), through the next backward (+1x gradient memory)
+                unit.grads.clear()
+                unit.g, unit.stats = None, ()
 
     def _is_state_init_step(self) -> bool:
         """Whether this ``step()`` is torch.distributed.checkpoint's state initialisation.
