@@ -432,9 +432,9 @@ class EmoOptimizer(Optimizer):
                 self.skipped_steps += 1
                 if not self._warned_skip:
                     self._warned_skip = True
-                    warnings.warn(f"{type(self).__name__}: non-finite loss, or a gradient that is non-finite or so large "
-                                  "its square overflows fp32; step skipped (parameters, states and pulse unchanged; "
-                                  "see .skipped_steps; warned once)", RuntimeWarning, stacklevel=2)
+                    warnings.warn(f"{type(self).__name__}: non-finite loss, or a gradient that is non-finite or so "
+                                  "large its square overflows fp32; step skipped (parameters, states and pulse "
+                                  "unchanged; see .skipped_steps; warned once)", RuntimeWarning, stacklevel=2)
                 return result
             self._last_loss = loss_value
             probe = None  # only a pulse that measures tensors (the adaptive one) gets the parameter list
