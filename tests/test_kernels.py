@@ -114,17 +114,25 @@ def test_bf16_weights_compensation_compiled_equals_eager(mode):
 
 
 def test_casts_round_probe_and_its_eager_fallback(monkeypatch):
-    # This torch keeps bf16 roundings compiled; where a torch does not (seen: 2.11 on CPU), bf16
-    # weights are stepped eagerly with a warning: the reference path's results, not silently
-    # uncompensated ones.
+    # This torch keeps bf16/fp16 roundings compiled (emulate_precision_casts). Without that option
+    # inductor folds x.to(bf16).float() into x — as torch 2.11 did on CPU even with it (seen on a
+    # lent GPU machine): the probe notices, warns, and bf16 weights are stepped eagerly — the
+    # reference path's results, not silently uncompensated ones. fp32 weights still compile.
+    import copy
+
     assert kernels.compiled_casts_round(torch.bfloat16, torch.device("cpu"))
     assert kernels.compiled_casts_round(torch.float16, torch.device("cpu"))
-    monkeypatch.setitem(kernels._CASTS_ROUND, (torch.bfloat16, "cpu"), False)
-    monkeypatch.setattr(kernels, "_COMPILED", {})  # a compiled step would show as a new entry
+    folding = copy.deepcopy(kernels.COMPILE_OPTIONS)
+    folding["options"]["emulate_precision_casts"] = False
+    monkeypatch.setattr(kernels, "COMPILE_OPTIONS", folding)
+    monkeypatch.setattr(kernels, "_CASTS_ROUND", {})
+    monkeypatch.setattr(kernels, "_COMPILED", {})  # a compiled step shows as a new entry
+    with pytest.warns(RuntimeWarning, match="drops the rounding of casts"):
+        assert not kernels.compiled_casts_round(torch.bfloat16, torch.device("cpu"))
     fast, ref, o_fast, _ = both_paths(emoq.EmoSens, dtype=torch.bfloat16, compensation="error_feedback")
     assert all(torch.equal(a, b) for a, b in zip(fast, ref))
     assert not any(k[0] == "step" for k in kernels._COMPILED)
-    fp32 = make_params()  # fp32 weights still compile
+    fp32 = make_params()
     train(fp32, emoq.EmoSens(fp32), 1)
     assert any(k[0] == "step" for k in kernels._COMPILED)
 
