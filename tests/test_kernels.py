@@ -243,3 +243,34 @@ def test_compile_switch(value, want, monkeypatch):
     assert kernels.compile_enabled() is want
     assert emoq.EmoSens(make_params(shapes=[(2,)]))._runner.compile is want
     assert emoq.EmoSens(make_params(shapes=[(2,)]), fused=False)._runner.compile is False
+
+
+@pytest.mark.parametrize("precision", ["8bit", "fp8", "4bit"])
+@pytest.mark.parametrize("cls", [emoq.EmoSens, emoq.EmoCats])
+def test_large_parameters_stepped_in_pieces_equal_whole_steps(cls, precision, monkeypatch):
+    # An element-wise rule with low-bit states steps a large parameter in block-aligned pieces
+    # (emoq.optim.base.CHUNK, here 768 elements): bit for bit the whole step, at most two piece
+    # sizes compiled. 4-bit signed states round stochastically (the dither numbers elements within
+    # the parameter): such a parameter is stepped whole.
+    from emoq.optim import base
+
+    def run(chunk):
+        monkeypatch.setattr(base, "CHUNK", chunk)
+        monkeypatch.setattr(kernels, "_COMPILED", {})
+        params = make_params([(40, 64)])
+        opt = cls(params, state_precision=precision, min_lowbit_size=0)
+        train(params, opt, 3)
+        shapes = {k[3].shape for k in kernels._COMPILED if k[0] == "step"}
+        return params, opt, shapes
+
+    whole, o_whole, whole_shapes = run(1 << 30)
+    pieces, o_pieces, piece_shapes = run(768)
+    assert whole_shapes == {(40, 64)}
+    assert all(torch.equal(a, b) for a, b in zip(whole, pieces))
+    for name, value in o_whole.state[whole[0]].items():
+        got = o_pieces.state[pieces[0]][name]
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(torch.as_tensor(got.dequantize() if hasattr(got, "dequantize") else got),
+                               torch.as_tensor(value.dequantize() if hasattr(value, "dequantize") else value)), name
+    stochastic = precision == "4bit"  # EmoSens' m and EmoCats' m are signed
+    assert piece_shapes == ({(40, 64)} if stochastic else {(768,), (256,)})

@@ -35,6 +35,7 @@ class EmoSens(EmoOptimizer):
 
     eps_in_denominator = True
     rule = staticmethod(emosens_rule)
+    elementwise = True
 
     def _state_specs(self, p: Tensor) -> dict[str, StateSpec]:
         return {"m": StateSpec(p.shape, signed=True), "v": StateSpec(p.shape, signed=False)}
