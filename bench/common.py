@@ -125,14 +125,15 @@ def tensor_bytes(t: torch.Tensor, seen: set[int]) -> int:
     if hasattr(t, "__tensor_flatten__") and type(t) is not torch.Tensor and not isinstance(t, torch.nn.Parameter):
         names, _ = t.__tensor_flatten__()
         return sum(tensor_bytes(getattr(t, n), seen) for n in names)
-    try:
-        key = t.untyped_storage().data_ptr()
+    try:  # a state may be a view of a buffer it shares (stacked small parameters): count the buffer once
+        storage = t.untyped_storage()
+        key, nbytes = storage.data_ptr(), storage.nbytes()
     except Exception:  # noqa: BLE001
-        key = id(t)
+        key, nbytes = id(t), t.numel() * t.element_size()
     if key in seen and key != 0:
         return 0
     seen.add(key)
-    return t.numel() * t.element_size()
+    return nbytes
 
 
 def state_bytes(opt: Any) -> int:
