@@ -277,6 +277,16 @@ def state_bytes(state: Any) -> int:
     return state.numel() * state.element_size()
 
 
+def slice_kernel_args(precision: str, args: list[Tensor], lo: int, hi: int) -> list[Tensor]:
+    """Views of elements ``[lo, hi)`` of a state's :meth:`StateStorage.kernel_args` (``lo``, ``hi``
+    whole quantization blocks apart for a low-bit state; written through in place)."""
+    if precision not in LOWBIT:
+        return [args[0].view(-1)[lo:hi]]
+    block = BLOCK_SIZE[precision]
+    per_byte = 2 if precision == "4bit" else 1  # 4-bit codes are packed two to a byte
+    return [args[0][lo // per_byte:hi // per_byte], args[1][lo // block:hi // block], *args[2:]]
+
+
 class StateStorage:
     """How optimizer states are kept for one optimizer.
 

@@ -15,11 +15,12 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def run_pair(family, batch, steps, naive=False, **kw):
+def run_pair(family, batch, steps, naive=False, device="cpu", same_loss=False, **kw):
     """Train two copies of the same net, one with emoq and one with the reference, on the same
-    batch; return the worst relative parameter error and relative pulse error seen."""
-    x, y = batch
-    net, ref_net = make_net(), make_net()
+    batch (on ``device``); return the worst relative parameter error and relative pulse error
+    seen. ``same_loss``: emoq's pulse is fed the reference's loss (tests/test_cuda.py)."""
+    x, y = (t.to(device) for t in batch)
+    net, ref_net = make_net().to(device), make_net().to(device)
     opt = FAMILIES[family](net.parameters(), **kw)
     kw.pop("fused", None)
     ref = RefEmo(family, ref_net.parameters(), naive=naive, **kw)
@@ -31,7 +32,7 @@ def run_pair(family, batch, steps, naive=False, **kw):
         loss.backward()
         ref_loss = F.cross_entropy(ref_net(x), y)
         ref_loss.backward()
-        opt.step(loss=loss)
+        opt.step(loss=ref_loss.item() if same_loss else loss)
         ref.step(ref_loss.item())
         worst_eta = max(worst_eta, abs(opt.pulse - ref.eta) / ref.eta)
     for p, q in zip(net.parameters(), ref_net.parameters()):

@@ -14,11 +14,10 @@ import emoq
 from emoq.kernels import StateLayout, store_state
 from emoq.states import StateStorage, parts
 from tests.conftest import make_net
-from tests.reference import RefEmo
+from tests.test_core_rules import FAMILIES, run_pair
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-FAMILIES = {"sens": emoq.EmoSens, "airy": emoq.EmoAiry, "cats": emoq.EmoCats, "tion": emoq.EmoTion}
 DEV = "cuda"
 
 
@@ -34,33 +33,9 @@ def cuda_batch():
     return torch.randn(32, 16, 8, 8, generator=g).to(DEV), torch.randint(0, 10, (32,), generator=g).to(DEV)
 
 
-def run_pair(family, steps, same_loss=False, **kw):
-    """emoq and tests/reference.py on the same net and batch, on the GPU: worst relative errors.
-    ``same_loss``: both pulses are fed the reference's loss (see the compiled test)."""
-    x, y = cuda_batch()
-    net, ref_net = make_net().to(DEV), make_net().to(DEV)
-    opt = FAMILIES[family](net.parameters(), **kw)
-    kw.pop("fused", None)
-    ref = RefEmo(family, ref_net.parameters(), **kw)
-    worst_eta = 0.0
-    for _ in range(steps):
-        for model in (net, ref_net):
-            model.zero_grad()
-        loss = F.cross_entropy(net(x), y)
-        loss.backward()
-        ref_loss = F.cross_entropy(ref_net(x), y)
-        ref_loss.backward()
-        opt.step(loss=ref_loss.item() if same_loss else loss)
-        ref.step(ref_loss.item())
-        worst_eta = max(worst_eta, abs(opt.pulse - ref.eta) / ref.eta)
-    worst_p = max(((p - q).norm() / q.norm().clamp_min(1e-30)).item()
-                  for p, q in zip(net.parameters(), ref_net.parameters()))
-    return worst_p, worst_eta, loss.item()
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_reference_path_is_exact_on_cuda(family):
-    worst_p, worst_eta, final_loss = run_pair(family, 100, fused=False)
+    worst_p, worst_eta, final_loss = run_pair(family, cuda_batch(), 100, device=DEV, fused=False)
     assert worst_p == 0.0 and worst_eta == 0.0, (worst_p, worst_eta)
     assert final_loss < 2.0
 
@@ -74,7 +49,7 @@ def test_default_path_within_its_bound_on_cuda(family):
     # relative after one step, 6e-8 after 50); fed each net's own loss, v3.8's pulse took a
     # branch at step ~55 on one side only (eta 1.0e-4 vs 1.5e-4) and the runs parted (2 % after
     # 100 steps): the pulse is discontinuous in the loss, not the rule inexact.
-    worst_p, worst_eta, final_loss = run_pair(family, 100, same_loss=True)
+    worst_p, worst_eta, final_loss = run_pair(family, cuda_batch(), 100, device=DEV, same_loss=True)
     assert worst_p < 1e-4 and worst_eta < 1e-6, (worst_p, worst_eta)
     assert final_loss < 2.0
 

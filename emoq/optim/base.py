@@ -9,6 +9,7 @@ out-of-place function, run compiled or eagerly by ``emoq.kernels``).
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import numbers
 import warnings
@@ -38,6 +39,7 @@ from emoq.states import (
     is_lowbit,
     precision_of,
     rounds_stochastically,
+    slice_kernel_args,
 )
 
 NO_LOSS_MESSAGE = (
@@ -161,29 +163,22 @@ and faulted in again every step (measured on a 4096² weight, 2 threads: an 8-bi
 element-wise rule 278 → 189 ms; its temporaries 2 × 64 MB → 2 × 16 MB)."""
 
 
-def chunk_spans(n: int, layouts: tuple[StateLayout, ...]) -> list[tuple[int, int]]:
-    """``[lo, hi)`` pieces of ``n`` elements, at most two sizes (≤ 2 compiles), each a whole
-    number of every low-bit state's quantization blocks (so each block is quantized as a whole)."""
+@functools.lru_cache(maxsize=256)
+def chunk_spans(n: int, layouts: tuple[StateLayout, ...], chunk: int) -> tuple[tuple[int, int], ...]:
+    """``[lo, hi)`` pieces of ``n`` elements, at most ``chunk`` each and of at most two sizes (≤ 2
+    compiles), each a whole number of every low-bit state's quantization blocks (so each block is
+    quantized as a whole)."""
     block = max(BLOCK_SIZE.get(lay.precision) or 1 for lay in layouts)
-    pieces = -(-n // CHUNK)
+    pieces = -(-n // chunk)
     size = -(-n // pieces // block) * block
-    return [(lo, min(lo + size, n)) for lo in range(0, n, size)]
+    return tuple((lo, min(lo + size, n)) for lo in range(0, n, size))
 
 
+@functools.lru_cache(maxsize=256)
 def chunk_sig(sig: ParamSig, n: int) -> ParamSig:
     """The signature of a flat piece of ``n`` elements of an element-wise rule's parameter."""
     return ParamSig(tuple(lay._replace(shape=(n,)) for lay in sig.layouts), Extent((n,)), sig.p_dtype,
                     sig.g_dtype, sig.compensation, (n,))
-
-
-def chunk_parts(layout: StateLayout, parts: list[Tensor], lo: int, hi: int) -> list[Tensor]:
-    """Views of elements ``[lo, hi)`` of a state's kernel parts (``StateStorage.kernel_args``)."""
-    if layout.precision not in LOWBIT:
-        return [parts[0].view(-1)[lo:hi]]
-    block = BLOCK_SIZE[layout.precision]
-    per_byte = 2 if layout.precision == "4bit" else 1
-    codes = parts[0].view(-1)[lo // per_byte:hi // per_byte]
-    return [codes, parts[1][lo // block:hi // block], *parts[2:]]
 
 
 class Unit:
@@ -600,10 +595,10 @@ class EmoOptimizer(Optimizer):
                     self._shadow_step(x, shadow)
             elif self._chunked(sig, unit, residual):
                 values, grads = local(p).view(-1), unit.g.view(-1)
-                for lo, hi in chunk_spans(values.numel(), sig.layouts):
+                for lo, hi in chunk_spans(values.numel(), sig.layouts, CHUNK):
+                    pieces = [slice_kernel_args(lay.precision, pt, lo, hi) for lay, pt in zip(sig.layouts, parts)]
                     self._runner.step(self.rule, opts, chunk_sig(sig, hi - lo), values[lo:hi], grads[lo:hi],
-                                      unit.stats, [chunk_parts(lay, pt, lo, hi) for lay, pt in zip(sig.layouts, parts)],
-                                      None, h, c)
+                                      unit.stats, pieces, None, h, c)
                 return
             self._run(opts, sig, local(p), unit, parts, residual, h, c, before)
             return
