@@ -59,6 +59,11 @@ def is_dtensor(t: Any) -> bool:
     return module is not None and isinstance(t, module.DTensor)
 
 
+def dtensors_exist() -> bool:
+    """Whether any ``DTensor`` can exist in this process (its module is imported)."""
+    return "torch.distributed.tensor" in sys.modules
+
+
 def local(t: Tensor) -> Tensor:
     """The local shard of a ``DTensor`` (shares its storage: in-place updates reach the parameter)."""
     return t.to_local() if is_dtensor(t) else t

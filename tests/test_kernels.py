@@ -8,9 +8,12 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import emoq
 from emoq import kernels
+from emoq.optim import base
 from emoq.optim.base import SQUARES_LIMIT, grads_in_range
 from emoq.optim.sens import emosens_rule
 from tests.conftest import make_net
@@ -50,7 +53,7 @@ def test_stacked_steps_equal_the_reference_path(cls):
     # last bit, which never changes sign(u)).
     fast, ref, o_fast, _ = both_paths(cls)
     assert all(torch.equal(a, b) for a, b in zip(fast, ref))
-    units = o_fast._unit_cache[next(iter(o_fast._unit_cache))]
+    units = next(iter(o_fast._unit_cache.values()))[2]  # (params, dtypes, units) of the one group
     assert sorted(len(u.params) for u in units) == [1, 6]  # one stack of six, one alone
 
 
@@ -91,7 +94,7 @@ def test_lowbit_stacks_equal_the_reference_path(cls, precision):
     # the step count reaching the compiled call as a tensor).
     fast, ref, o_fast, o_ref = both_paths(cls, state_precision=precision, min_lowbit_size=0)
     assert all(torch.equal(a, b) for a, b in zip(fast, ref))
-    units = o_fast._unit_cache[next(iter(o_fast._unit_cache))]
+    units = next(iter(o_fast._unit_cache.values()))[2]  # (params, dtypes, units) of the one group
     assert sorted(len(u.params) for u in units) == [1, 6]  # stacked compiled vs one by one eagerly
     with torch._dynamo.config.patch(error_on_recompile=True):  # a new step count compiles nothing
         train(fast, o_fast, 2, seed=2)
@@ -208,6 +211,74 @@ def test_overflow_limit_is_per_gradient_not_per_stack():
             warnings.simplefilter("ignore")
             opt.step(loss=1.0)
         assert opt.skipped_steps == skipped
+
+
+
+@pytest.mark.parametrize("cls", [emoq.EmoSens, emoq.EmoCats])
+def test_dot_range_check_skips_every_bad_gradient_and_keeps_the_per_gradient_limit(cls, monkeypatch):
+    # DOT_MIN lowered so the shared small shapes take the torch.dot path (a stack of 6 x 512 and
+    # one 256-element tensor alone); the spy proves that path ran.
+    monkeypatch.setattr(base, "DOT_MIN", 256)
+    calls = []
+    real = base.sum_of_squares
+    monkeypatch.setattr(base, "sum_of_squares", lambda g: calls.append(g.numel()) or real(g))
+    params = make_params()
+    opt = cls(params)
+    train(params, opt, 1)
+    assert sorted(calls) == [256, 6 * 512]
+    for k, bad in ((0, float("nan")), (3, float("inf")), (6, -float("inf"))):  # stack members and the lone one
+        before = [p.detach().clone() for p in params]
+        states = {i: {n: v.clone() for n, v in opt.state[p].items()} for i, p in enumerate(params)}
+        for i, p in enumerate(params):
+            p.grad = torch.randn(p.shape)
+            if i == k:
+                p.grad.view(-1)[p.numel() // 2 + 1] = bad
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt.step(loss=1.0)
+        assert all(torch.equal(a, b) for a, b in zip(params, before))
+        assert all(torch.equal(opt.state[p][n], v) for i, p in enumerate(params) for n, v in states[i].items())
+    assert opt.skipped_steps == 3
+    # each stacked gradient at 0.6 x the limit: the stack's joint sum is over it, each one within: steps
+    for scale, skipped in ((0.6, 3), (1.2, 4)):
+        for p in params:
+            p.grad = torch.full(p.shape, math.sqrt(scale * SQUARES_LIMIT / p.numel()))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            opt.step(loss=1.0)
+        assert opt.skipped_steps == skipped
+
+
+def test_dot_range_check_only_where_it_applies():
+    big = torch.zeros(base.DOT_MIN)
+    assert base.dot_checked(big)
+    assert not base.dot_checked(torch.zeros(base.DOT_MIN - 1))
+    assert not base.dot_checked(big.double())
+    assert not base.dot_checked(big.view(256, -1).t())  # not contiguous: the multi-tensor norm
+    # a non-contiguous gradient of a parameter that would qualify is still range-checked
+    p = torch.nn.Parameter(torch.zeros(256, base.DOT_MIN // 256))
+    opt = emoq.EmoCats([p], fused=False)
+    g = torch.zeros(p.shape[1], p.shape[0])
+    g[1, 2] = float("nan")
+    p.grad = g.t()
+    with pytest.warns(RuntimeWarning, match="skipped"):
+        opt.step(loss=1.0)
+    assert opt.skipped_steps == 1 and not p.detach().any()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 5000), st.floats(1e-30, 1e15), st.integers(0, 2**31 - 1),
+       st.sampled_from([None, float("nan"), float("inf"), -float("inf")]))
+def test_sum_of_squares_matches_float64_and_propagates_non_finite(n, scale, seed, bad):
+    g = torch.randn(n, generator=torch.Generator().manual_seed(seed)) * scale
+    exact = g.double().square().sum().item()
+    if bad is not None:
+        g[seed % n] = bad
+    got = base.sum_of_squares(g).item()
+    if bad is not None:
+        assert not math.isfinite(got)
+    elif exact < SQUARES_LIMIT:  # no overflow: fp32 accumulation within n ulps of the float64 sum
+        assert math.isclose(got, exact, rel_tol=n * 2.0 ** -23, abs_tol=1e-45 * n)
 
 
 def test_grads_in_range():
