@@ -27,7 +27,9 @@ def environment() -> dict[str, Any]:
 
     env = {"torch": torch.__version__, "emoq": emoq.__version__, "python": platform.python_version(),
            "machine": platform.machine(), "threads": torch.get_num_threads(),
-           "cpu": _cpu_name(), "emoq_compile": os.environ.get("EMOQ_COMPILE", "1")}
+           "cpu": _cpu_name(), "emoq_compile": os.environ.get("EMOQ_COMPILE", "1"),
+           # glibc allocator settings change step times (page faults of large temporaries: bench/README.md)
+           "malloc_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")}}
     for mod in ("torchao", "bitsandbytes"):
         try:
             env[mod] = __import__(mod).__version__
