@@ -40,9 +40,18 @@ from torch import Tensor
 
 from emoq import compensate
 from emoq.arith import Hyper
-from emoq.states import dequantize_parts, dither, dither_seed, quantize_parts_, rounds_stochastically
+from emoq.states import LOWBIT, dequantize_parts, dither, dither_seed, quantize_parts_, rounds_stochastically
 
 SMALL = 1 << 16  # parameters with fewer elements are stacked with the same-shape ones
+SCRATCH_MIN, SCRATCH_MAX = 1 << 21, 1 << 22
+"""A compiled step whose largest low-bit state has between these many elements (2-4 M: the pieces
+of a large parameter, emoq.optim.base.CHUNK) runs in two compiled calls: the rule writes the
+states' new fp32 values into scratch buffers the runner keeps (allocated once, ``SCRATCH_MAX``
+elements per state at most), then they are quantized from there. In one call inductor allocates
+those values (8-16 MB each) afresh on every call; glibc returns blocks that large to the kernel,
+so steps page-faulted them in again: EmoSens8bit on 4096², after torch's AdamW in the same
+process, 199-210 ms one call vs 119 ms two. Smaller states stay one call: two calls measured 30 %
+slower on 885 K-element weights, where the faults were rare (bench/README.md "Page faults")."""
 # static shapes (dynamic-shape kernels measured up to 4x slower on CPU); no bounds check on the
 # table lookups (their indices are uint8 codes and 16-bit buckets, in range by construction);
 # casts to bf16/fp16 keep their rounding (inductor otherwise folds x.to(bf16).float() into x,
@@ -167,10 +176,12 @@ def param_stats(stats: Callable[..., tuple[Tensor, ...]], extent: Extent, g: Ten
 
 def param_step(rule: Callable[..., Any], opts: dict, sig: ParamSig, p: Tensor, g: Tensor,
                stats: tuple[Tensor, ...], parts: Sequence[Sequence[Tensor]], residual: Tensor | None, h: Hyper,
-               before: Callable[[Tensor], None] | None = None) -> None:
+               before: Callable[[Tensor], None] | None = None, scratch: Sequence[Tensor] = ()) -> None:
     """One step of one parameter: load states → ``rule`` → store states and the parameter.
 
     ``before(x)`` (eager only) runs on the fp32 working value first (the optional shadow).
+    With ``scratch`` (one fp32 tensor per low-bit state, in order): the new values of the low-bit
+    states are written there instead of being quantized (:func:`store_lowbit` does that next).
     """
     x = compensate.working_value(p, residual, sig.compensation)
     if before is not None:
@@ -179,9 +190,22 @@ def param_step(rule: Callable[..., Any], opts: dict, sig: ParamSig, p: Tensor, g
         g = g.float()
     states = tuple(load_state(layout, st) for layout, st in zip(sig.layouts, parts))
     x_new, new_states = rule(x, g, states, stats, h, sig.extent, **opts)
+    kept = iter(scratch)
     for which, (layout, st, value) in enumerate(zip(sig.layouts, parts, new_states)):
-        store_state(layout, st, value, h.step, which)
+        if scratch and layout.precision in LOWBIT:
+            next(kept).view(value.shape).copy_(value)
+        else:
+            store_state(layout, st, value, h.step, which)
     compensate.store_value(p, x_new, residual, sig.compensation)
+
+
+def store_lowbit(sig: ParamSig, parts: Sequence[Sequence[Tensor]], scratch: Sequence[Tensor],
+                 step: float | Tensor) -> None:
+    """Quantize the low-bit states' new values from ``scratch`` (see :func:`param_step`)."""
+    kept = iter(scratch)
+    for which, (layout, st) in enumerate(zip(sig.layouts, parts)):
+        if layout.precision in LOWBIT:
+            store_state(layout, st, next(kept), step, which)
 
 
 def _own_code(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
@@ -197,6 +221,19 @@ def _make_step_fn(rule: Callable[..., Any], opts: tuple, sig: ParamSig) -> Calla
         param_step(rule, options, sig, p, g, stats, parts, residual, Hyper.from_tensor(c))
 
     return _own_code(emoq_step, "emoq_step")
+
+
+def _make_phase_fns(rule: Callable[..., Any], opts: tuple, sig: ParamSig) -> tuple[Callable[..., None], ...]:
+    options = dict(opts)
+
+    def emoq_step_to_scratch(p: Tensor, g: Tensor, stats: tuple, parts: list, residual: Tensor | None, c: Tensor,
+                             scratch: list) -> None:
+        param_step(rule, options, sig, p, g, stats, parts, residual, Hyper.from_tensor(c), scratch=scratch)
+
+    def emoq_store_lowbit(parts: list, scratch: list, c: Tensor) -> None:
+        store_lowbit(sig, parts, scratch, Hyper.from_tensor(c).step)
+
+    return _own_code(emoq_step_to_scratch, "emoq_step_to_scratch"), _own_code(emoq_store_lowbit, "emoq_store_lowbit")
 
 
 def _make_stats_fn(stats: Callable[..., tuple[Tensor, ...]], extent: Extent) -> Callable[..., tuple[Tensor, ...]]:
@@ -246,9 +283,32 @@ class Runner:
     def __init__(self, compile: bool | None = None) -> None:
         self.compile = compile_enabled() if compile is None else bool(compile)
         self.failed = False
+        self._scratch: dict[tuple[torch.device, int], Tensor] = {}  # (device, state number) -> fp32 buffer
 
     def __deepcopy__(self, memo: dict) -> Runner:
         return Runner(self.compile)
+
+    def scratch(self, sig: ParamSig, device: torch.device) -> list[Tensor] | None:
+        """Flat fp32 views, one per low-bit state of ``sig`` (None: no low-bit state, or the largest
+        outside [:data:`SCRATCH_MIN`, :data:`SCRATCH_MAX`]). Buffers grow to the largest request and
+        are kept."""
+        sizes = []
+        for layout in sig.layouts:
+            if layout.precision in LOWBIT:
+                n = 1
+                for d in layout.shape:
+                    n *= d
+                sizes.append(n)
+        if not sizes or not SCRATCH_MIN <= max(sizes) <= SCRATCH_MAX:
+            return None
+        views = []
+        for i, n in enumerate(sizes):
+            buf = self._scratch.get((device, i))
+            if buf is None or buf.numel() < n:
+                buf = self._scratch[(device, i)] = torch.empty(max(n, 0 if buf is None else buf.numel()),
+                                                                dtype=torch.float32, device=device)
+            views.append(buf[:n])
+        return views
 
     @property
     def compiling(self) -> bool:
@@ -276,18 +336,48 @@ class Runner:
         if before is None and self.compiling and (p.dtype not in compensate.LOW_PRECISION
                                                   or compiled_casts_round(p.dtype, p.device)):
             okey = tuple(sorted(opts.items()))
+            c = h.as_tensor(p.device) if c is None else c
+            scratch = self.scratch(sig, p.device)
+            if scratch is not None:
+                return self._two_phase(rule, okey, sig, p, g, stats, parts, residual, h, c, scratch)
             key = ("step", rule, okey, sig)
             compiled = _COMPILED.get(key)
             if compiled is None:
                 compiled = _COMPILED[key] = torch.compile(_make_step_fn(rule, okey, sig), **COMPILE_OPTIONS)
             try:
-                compiled(p.detach(), g, stats, parts, residual, h.as_tensor(p.device) if c is None else c)
+                compiled(p.detach(), g, stats, parts, residual, c)
                 return
             except Exception as exc:  # raised while compiling, before anything was written
                 self._fail(rule, exc)
         if torch.compiler.is_compiling():  # traced inline into a caller's graph: tensor scalars
             h = Hyper.from_tensor(h.as_tensor(p.device))
         param_step(rule, opts, sig, p, g, stats, parts, residual, h, before)
+
+    def _two_phase(self, rule: Callable[..., Any], okey: tuple, sig: ParamSig, p: Tensor, g: Tensor,
+                   stats: tuple[Tensor, ...], parts: list[list[Tensor]], residual: Tensor | None, h: Hyper,
+                   c: Tensor, scratch: list[Tensor]) -> None:
+        """The compiled step as rule → scratch, then scratch → low-bit states (see SCRATCH_MAX).
+        Each call compiles before it writes anything: if the first fails, nothing was written and
+        the whole step runs eagerly; if the second fails, the values in scratch are quantized
+        eagerly (the same function), so a step is never left half done."""
+        key = ("step2", rule, okey, sig)
+        compiled = _COMPILED.get(key)
+        if compiled is None:
+            first, second = _make_phase_fns(rule, okey, sig)
+            compiled = _COMPILED[key] = (torch.compile(first, **COMPILE_OPTIONS),
+                                         torch.compile(second, **COMPILE_OPTIONS))
+        try:
+            compiled[0](p.detach(), g, stats, parts, residual, c, scratch)
+        except Exception as exc:  # raised while compiling, before anything was written
+            self._fail(rule, exc)
+            param_step(rule, dict(okey), sig, p, g, stats, parts, residual, h)
+            return
+        try:
+            compiled[1](parts, scratch, c)
+        except Exception as exc:  # the parameter is written: finish the states from scratch eagerly
+            self._fail(rule, exc)
+            store_lowbit(sig, parts, [s.view(lay.shape) for s, lay in zip(scratch, [
+                lay for lay in sig.layouts if lay.precision in LOWBIT])], h.step)
 
     def _fail(self, what: Callable[..., Any], exc: Exception) -> None:
         self.failed = True

@@ -134,7 +134,7 @@ def test_casts_round_probe_and_its_eager_fallback(monkeypatch):
         assert not kernels.compiled_casts_round(torch.bfloat16, torch.device("cpu"))
     fast, ref, o_fast, _ = both_paths(emoq.EmoSens, dtype=torch.bfloat16, compensation="error_feedback")
     assert all(torch.equal(a, b) for a, b in zip(fast, ref))
-    assert not any(k[0] == "step" for k in kernels._COMPILED)
+    assert not any(k[0] in ("step", "step2") for k in kernels._COMPILED)
     fp32 = make_params()
     train(fp32, emoq.EmoSens(fp32), 1)
     assert any(k[0] == "step" for k in kernels._COMPILED)
@@ -308,6 +308,75 @@ def test_compile_failure_warns_loudly_once_and_runs_the_reference_path(monkeypat
     assert all(torch.equal(a, b) for a, b in zip(fast, ref))
 
 
+
+def _lowbit_state_values(opt, params):
+    return [(name, v.dequantize() if hasattr(v, "dequantize") else v) for p in params
+            for name, v in sorted(opt.state[p].items()) if isinstance(v, torch.Tensor)]
+
+
+@pytest.mark.parametrize("precision", ["8bit", "4bit", "fp8"])
+@pytest.mark.parametrize("cls", FAMILIES)
+def test_two_phase_lowbit_step_equals_one_compiled_call(cls, precision, monkeypatch):
+    # Low-bit steps of 2-4 M elements run as rule -> kept scratch -> quantize (two compiled calls,
+    # SCRATCH_MIN/MAX, lowered here to the test's sizes); with SCRATCH_MAX = 0 the same step is one
+    # call: parameters and states bit for bit equal, stacks included; the scratch buffers are
+    # allocated once and reused.
+    monkeypatch.setattr(kernels, "SCRATCH_MIN", 1)  # the test's small states take the two-call path
+
+    def run(limit):
+        monkeypatch.setattr(kernels, "SCRATCH_MAX", limit)
+        params = make_params()
+        opt = cls(params, state_precision=precision, min_lowbit_size=0)
+        train(params, opt, 2)
+        ptrs = {k: b.data_ptr() for k, b in opt._runner._scratch.items()}
+        train(params, opt, 2, seed=3)
+        assert ptrs == {k: b.data_ptr() for k, b in opt._runner._scratch.items()}
+        return params, opt
+
+    two, o_two = run(kernels.SCRATCH_MAX)
+    one, o_one = run(0)
+    from emoq.states import is_lowbit
+
+    lowbit = any(is_lowbit(v) for p in two for v in o_two.state[p].values())  # EmoAiry, EmoTion: none here
+    assert lowbit == (cls in (emoq.EmoSens, emoq.EmoCats))
+    assert bool(o_two._runner._scratch) == lowbit and not o_one._runner._scratch
+    assert all(torch.equal(a, b) for a, b in zip(two, one))
+    for (n1, a), (n2, b) in zip(_lowbit_state_values(o_two, two), _lowbit_state_values(o_one, one)):
+        assert n1 == n2 and torch.equal(a, b), n1
+
+
+@pytest.mark.parametrize("failing", [0, 1])
+def test_two_phase_compile_failure_never_leaves_a_step_half_done(failing, monkeypatch):
+    # The first compiled call failing: nothing written, the whole step eager. The second failing
+    # (the parameter already written): the states are quantized from scratch eagerly. Either way
+    # the result is the reference path's, and the failure warns once.
+    real = torch.compile
+    made = []
+
+    def compile_failing(fn, **kw):
+        made.append(fn.__name__)
+        if fn.__name__ == ("emoq_step_to_scratch", "emoq_store_lowbit")[failing]:
+            def broken(*args, **kwargs):
+                raise RuntimeError("no C++ compiler")
+            return broken
+        return real(fn, **kw)
+
+    monkeypatch.setattr(kernels, "_COMPILED", {})
+    monkeypatch.setattr(kernels, "SCRATCH_MIN", 1)
+    monkeypatch.setattr(kernels.torch, "compile", compile_failing)
+    fast = make_params()
+    with pytest.warns(RuntimeWarning, match="torch.compile of .* failed") as rec:
+        opt = emoq.EmoSens(fast, state_precision="8bit", min_lowbit_size=0)
+        train(fast, opt, 3)
+    assert sum("torch.compile" in str(w.message) for w in rec) == 1
+    assert "emoq_step_to_scratch" in made
+    ref = make_params()
+    o_ref = emoq.EmoSens(ref, fused=False, state_precision="8bit", min_lowbit_size=0)
+    train(ref, o_ref, 3)
+    assert all(torch.equal(a, b) for a, b in zip(fast, ref))
+    for (n1, a), (n2, b) in zip(_lowbit_state_values(opt, fast), _lowbit_state_values(o_ref, ref)):
+        assert n1 == n2 and torch.equal(a, b), n1
+
 @pytest.mark.parametrize("value,want", [("0", False), ("off", False), ("1", True), ("", True)])
 def test_compile_switch(value, want, monkeypatch):
     monkeypatch.setenv("EMOQ_COMPILE", value)
@@ -331,7 +400,7 @@ def test_large_parameters_stepped_in_pieces_equal_whole_steps(cls, precision, mo
         params = make_params([(40, 64)])
         opt = cls(params, state_precision=precision, min_lowbit_size=0)
         train(params, opt, 3)
-        shapes = {k[3].shape for k in kernels._COMPILED if k[0] == "step"}
+        shapes = {k[3].shape for k in kernels._COMPILED if k[0] in ("step", "step2")}
         return params, opt, shapes
 
     whole, o_whole, whole_shapes = run(1 << 30)
