@@ -10,11 +10,12 @@ weights). That function runs
   parameter is one loop. Parameters with fewer than ``SMALL`` elements that share a shape (and
   dtypes and state layout) are stepped as one stack: their states live in one stacked buffer
   (each parameter's state is a view of it), their gradients and values are stacked for the call
-  and the values copied back, so a LoRA set of hundreds of small tensors is a handful of calls
-  and a handful of compiles (one per distinct shape), not hundreds. Rules take a parameter or a
-  stack of them along leading dims (``emoq.arith.param_dims``). A large parameter of an
-  element-wise rule with low-bit states is stepped in block-aligned pieces
-  (``emoq.optim.base.CHUNK``);
+  into buffers the stack keeps (``emoq.optim.base.Unit``) and the values copied back, so a LoRA
+  set of hundreds of small tensors is a handful of calls and a handful of compiles (one per
+  distinct shape), not hundreds. Rules take a parameter or a stack of them along leading dims
+  (``emoq.arith.param_dims``). A large parameter of an element-wise rule with low-bit states is
+  stepped in block-aligned pieces (``emoq.optim.base.CHUNK``), each in two calls through kept
+  scratch (``SCRATCH_MIN``);
 - **eagerly**, one parameter at a time, with Python-float scalars (``fused=False``,
   ``EMOQ_COMPILE=0``, or after a compile failure): the reference path.
 

@@ -57,6 +57,26 @@ def test_stacked_steps_equal_the_reference_path(cls):
     assert sorted(len(u.params) for u in units) == [1, 6]  # one stack of six, one alone
 
 
+
+def test_stack_buffers_are_kept_between_steps_and_follow_replaced_members():
+    # A stack's gradients and values are stacked into buffers it keeps (no fresh blocks per step);
+    # a member whose data is replaced between steps is still read and written (the buffers are a
+    # copy, refilled every step), and the result equals the reference path's.
+    fast, ref = make_params(), make_params()
+    o_fast, o_ref = emoq.EmoSens(fast), emoq.EmoSens(ref, fused=False)
+    train(fast, o_fast, 2)
+    train(ref, o_ref, 2)
+    (unit,) = [u for u in next(iter(o_fast._unit_cache.values()))[2] if u.stacked]
+    ptrs = {k: b[0].data_ptr() for k, b in unit._bufs.items()}
+    assert set(ptrs) == {"g", "values"}
+    for params in (fast, ref):
+        with torch.no_grad():
+            params[2].data = params[2].detach().clone() * 2  # a new tensor behind the same Parameter
+    train(fast, o_fast, 2, seed=3)
+    train(ref, o_ref, 2, seed=3)
+    assert {k: b[0].data_ptr() for k, b in unit._bufs.items()} == ptrs
+    assert all(torch.equal(a, b) for a, b in zip(fast, ref))
+
 def test_stack_states_are_views_of_one_buffer_and_resume_exactly():
     fast = make_params()
     opt = emoq.EmoSens(fast)
