@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,6 +68,12 @@ def dtensors_exist() -> bool:
 def local(t: Tensor) -> Tensor:
     """The local shard of a ``DTensor`` (shares its storage: in-place updates reach the parameter)."""
     return t.to_local() if is_dtensor(t) else t
+
+
+def locals_of(tensors: Iterable[Tensor]) -> list[Tensor]:
+    """:func:`local` of each tensor; without a check per tensor when no DTensor can exist (the
+    optimizer step calls this for hundreds of parameters)."""
+    return [local(t) for t in tensors] if dtensors_exist() else list(tensors)
 
 
 class ShardSum:

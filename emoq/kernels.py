@@ -29,6 +29,7 @@ step runs eagerly: the same function, the reference path, only slower.
 
 from __future__ import annotations
 
+import math
 import os
 import types
 import warnings
@@ -293,21 +294,14 @@ class Runner:
         """Flat fp32 views, one per low-bit state of ``sig`` (None: no low-bit state, or the largest
         outside [:data:`SCRATCH_MIN`, :data:`SCRATCH_MAX`]). Buffers grow to the largest request and
         are kept."""
-        sizes = []
-        for layout in sig.layouts:
-            if layout.precision in LOWBIT:
-                n = 1
-                for d in layout.shape:
-                    n *= d
-                sizes.append(n)
+        sizes = [math.prod(layout.shape) for layout in sig.layouts if layout.precision in LOWBIT]
         if not sizes or not SCRATCH_MIN <= max(sizes) <= SCRATCH_MAX:
             return None
         views = []
         for i, n in enumerate(sizes):
             buf = self._scratch.get((device, i))
             if buf is None or buf.numel() < n:
-                buf = self._scratch[(device, i)] = torch.empty(max(n, 0 if buf is None else buf.numel()),
-                                                                dtype=torch.float32, device=device)
+                buf = self._scratch[(device, i)] = torch.empty(n, dtype=torch.float32, device=device)
             views.append(buf[:n])
         return views
 
@@ -377,8 +371,7 @@ class Runner:
             compiled[1](parts, scratch, c)
         except Exception as exc:  # the parameter is written: finish the states from scratch eagerly
             self._fail(rule, exc)
-            store_lowbit(sig, parts, [s.view(lay.shape) for s, lay in zip(scratch, [
-                lay for lay in sig.layouts if lay.precision in LOWBIT])], h.step)
+            store_lowbit(sig, parts, scratch, h.step)
 
     def _fail(self, what: Callable[..., Any], exc: Exception) -> None:
         self.failed = True

@@ -24,7 +24,7 @@ from torch.optim import Optimizer
 
 from emoq import compensate
 from emoq.arith import Hyper
-from emoq.distributed import Layout, StatePlacement, dtensors_exist, local, reduce_loss
+from emoq.distributed import Layout, StatePlacement, local, locals_of, reduce_loss
 from emoq.kernels import SMALL, Extent, ParamSig, Runner, StateLayout, param_stats, param_step
 from emoq.probe import STATE_NAME as PROBE_STATE
 from emoq.probe import check_probe_state
@@ -174,10 +174,10 @@ def sum_of_squares(g: Tensor) -> Tensor:
 
 CHUNK = 1 << 22
 """A parameter of more elements (element-wise rule, low-bit states) is stepped in pieces of at most
-this many: the compiled step keeps each state's new fp32 value in a buffer for its block maxima,
-and buffers of ≤ 16 MB are reused by the allocator where larger ones are returned to the system
-and faulted in again every step (measured on a 4096² weight, 2 threads: an 8-bit step of an
-element-wise rule 278 → 189 ms; its temporaries 2 × 64 MB → 2 × 16 MB)."""
+this many: the compiled step needs each state's new fp32 value whole before its block maxima,
+so pieces bound those values to 16 MB per state (measured on a 4096² weight, 2 threads: an 8-bit
+step of an element-wise rule 278 → 189 ms); each piece keeps them in scratch between steps
+(``emoq.kernels.SCRATCH_MIN``), where the allocator had returned fresh ones to the system."""
 
 
 @functools.lru_cache(maxsize=256)
@@ -447,12 +447,11 @@ class EmoOptimizer(Optimizer):
                 grad = p.grad
                 if grad is None or p.numel() == 0:
                     continue
-                if grad.layout is not torch.strided or grad.is_complex():
-                    if grad.is_sparse:
-                        raise RuntimeError(f"{name} does not support sparse gradients")
-                    if grad.is_complex():
-                        raise RuntimeError(f"{name} does not support complex gradients")
-                    raise RuntimeError(f"{name} does not support gradients of layout {grad.layout}")
+                if grad.layout is not torch.strided:
+                    what = "sparse gradients" if grad.is_sparse else f"gradients of layout {grad.layout}"
+                    raise RuntimeError(f"{name} does not support {what}")
+                if grad.is_complex():
+                    raise RuntimeError(f"{name} does not support complex gradients")
                 shape = p.shape
                 if grad.shape != shape:
                     raise RuntimeError(f"{name}: a gradient of shape {tuple(grad.shape)} for a parameter of shape "
@@ -563,7 +562,8 @@ class EmoOptimizer(Optimizer):
     # ------------------------------------------------------------------ units: a parameter, or a stack
     def _units(self, group: dict, params: list[Tensor]) -> list[Unit]:
         """``params`` as units of work: small parameters sharing shape, dtypes and extent are
-        stacked (when compiling), everything else runs alone. Cached per parameter list."""
+        stacked (when compiling), everything else runs alone. The group's last plan is kept and
+        reused while the same parameters (by identity) with the same dtypes come back."""
         members = tuple(params)
         kinds = tuple((p.dtype, p.grad.dtype) for p in params)
         cached = self._unit_cache.get(id(group))  # the last plan of this group: usually the same parameters
@@ -581,13 +581,9 @@ class EmoOptimizer(Optimizer):
                 by_kind.setdefault(kind, []).append(p)
             units = [Unit(tuple(ps), len(ps) > 1, kind[3]) for kind, ps in by_kind.items()]
             self._unit_cache[id(group)] = (members, kinds, units)
-        plain = not dtensors_exist()
         for unit in units:
             unit.grads.clear()
-            if plain:
-                unit.grads.extend(p.grad for p in unit.params)
-            else:
-                unit.grads.extend(local(p.grad) for p in unit.params)  # DTensor shards: the rows held here
+            unit.grads.extend(locals_of(p.grad for p in unit.params))  # DTensor shards: the rows held here
         return units
 
     def _gradient_stats(self, units: list[Unit]) -> bool:
@@ -655,7 +651,7 @@ class EmoOptimizer(Optimizer):
             self._run(opts, sig, local(p), unit, parts, residual, h, c, before)
             return
         sig, parts, residual = self._stack(unit)
-        members = [local(p) for p in unit.params] if dtensors_exist() else list(unit.params)  # DTensor: its rows here
+        members = locals_of(unit.params)  # DTensor shards: the rows held here
         values, views = unit.stack("values", members)  # under no_grad: plain copies
         self._run(opts, sig, values, unit, parts, residual, h, c)
         torch._foreach_copy_(members, views)
