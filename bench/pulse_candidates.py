@@ -299,10 +299,13 @@ def adaptive_variant(**constants: float) -> type:
 def raw_cosine(base: type, target: float, normalize: bool) -> type:
     """The adaptive pulse growing on ``cos - target`` (the first design: the raw cosine, no RMS)."""
 
-    def _signal(self: Any, cos: float) -> float:
-        return (base._signal(self, cos) if normalize else cos) - target
+    def _growth(self: Any, cos: float) -> float:
+        self.cos_m = 0.9 * self.cos_m + 0.1 * cos
+        self.cos_v = cos * cos if self.cos_v is None else 0.99 * self.cos_v + 0.01 * cos * cos
+        signal = self.cos_m / (math.sqrt(self.cos_v) + 1e-12) if normalize else cos
+        return self.GAIN * (signal - target)
 
-    return type("AdaptiveRaw", (base,), {"_signal": _signal}, register=False)
+    return type("AdaptiveRaw", (base,), {"_growth": _growth}, register=False)
 
 
 def install(opt: Any, spec: str) -> None:
@@ -316,7 +319,8 @@ def install(opt: Any, spec: str) -> None:
         cls = adaptive_variant(**{k: v for k, v in kw.items() if k not in ("normalize", "target")})
         if not kw["normalize"] or kw.get("target", 0.0):
             cls = raw_cosine(cls, kw.get("target", 0.0), bool(kw["normalize"]))
-        opt._pulse = cls(opt._pulse.initial_scope, opt.noise_floor, opt.stop_thresholds)
+        # rule_kind "adam" for every family: a candidate's signal is the spec's, not the family's
+        opt._pulse = cls(opt._pulse.initial_scope, opt.noise_floor, opt.stop_thresholds, rule_kind="adam")
         return
     if "stride" in kw:
         kw["stride"] = int(kw["stride"])

@@ -23,6 +23,11 @@ from typing import Any, ClassVar
 
 ETA_MIN = 1e-6
 ETA_MAX = 3e-3
+#: what the optimizer's step does per coordinate, which only ``pulse="adaptive"`` reads:
+#: ``"adam"`` a scaled step ``eta * m / sqrt(v)`` (EmoSens, and the default for other optimizers
+#: under :class:`~emoq.EmoPulseScheduler`), ``"sign"`` a step of ``+-eta`` per coordinate
+#: (EmoAiry, EmoCats, EmoTion)
+RULE_KINDS = ("adam", "sign")
 
 
 def _check_pulse_type(pulse: Any) -> None:
@@ -51,6 +56,9 @@ class EmoPulse:
         stop_thresholds: ``(a, b)`` of the stop signal ``|scalar| <= a and |N - D| <= b``.
         pulse: the variant, ``"v3.8"`` (default), ``"v3.9"`` or ``"adaptive"``;
             ``EmoPulse(pulse="v3.9")`` returns an :class:`EmoPulseV39`.
+        rule_kind: ``"adam"`` (default) or ``"sign"``: the kind of step the pulse scales
+            (``RULE_KINDS``); each Emo optimizer passes its own. v3.8 and v3.9 ignore it; the
+            adaptive pulse grows on another signal for sign rules.
 
     Trap: the pulse expects the *unscaled* loss of one optimizer update. Feeding it a loss
     multiplied by an AMP GradScaler, or the sum instead of the mean of micro-batch losses,
@@ -83,9 +91,13 @@ class EmoPulse:
         return super().__new__(cls)
 
     def __init__(self, scope: float = 1.0, noise_floor: float = 1e-10,
-                 stop_thresholds: tuple[float, float] = (1e-6, 1e-7), pulse: str | None = None) -> None:
+                 stop_thresholds: tuple[float, float] = (1e-6, 1e-7), pulse: str | None = None,
+                 rule_kind: str = "adam") -> None:
         if not (isinstance(noise_floor, (int, float)) and noise_floor >= 0):
             raise ValueError(f"noise_floor must be >= 0, got {noise_floor!r}")
+        if not isinstance(rule_kind, str) or rule_kind not in RULE_KINDS:
+            raise ValueError(f"rule_kind must be one of {list(RULE_KINDS)}, got {rule_kind!r}")
+        self.rule_kind = rule_kind
         self.noise_floor = float(noise_floor)
         self.stop_thresholds = (float(stop_thresholds[0]), float(stop_thresholds[1]))
         self.initial_scope = _check_scope(scope)
@@ -271,14 +283,16 @@ def check_pulse_state(state: Any, fields: tuple[str, ...],
 
 
 def make_pulse(pulse: str, scope: float, noise_floor: float = 1e-10,
-               stop_thresholds: tuple[float, float] = (1e-6, 1e-7)) -> EmoPulse:
-    """The variant named ``pulse`` (the optimizers' and the scheduler's ``pulse=``).
+               stop_thresholds: tuple[float, float] = (1e-6, 1e-7), rule_kind: str = "adam") -> EmoPulse:
+    """The variant named ``pulse`` (the optimizers' and the scheduler's ``pulse=``) for a rule of
+    kind ``rule_kind`` (``RULE_KINDS``).
 
-    Raises ``TypeError`` for a ``pulse`` that is not a string, ``ValueError`` for an unknown name."""
+    Raises ``TypeError`` for a ``pulse`` that is not a string, ``ValueError`` for an unknown name
+    or rule kind."""
     _check_pulse_type(pulse)
     if pulse not in EmoPulse.variants:
         raise ValueError(f"pulse must be one of {sorted(EmoPulse.variants)}, got {pulse!r}")
-    return EmoPulse(scope, noise_floor, stop_thresholds, pulse=pulse)
+    return EmoPulse(scope, noise_floor, stop_thresholds, pulse=pulse, rule_kind=rule_kind)
 
 
 class EmoPulseV39(EmoPulse):
@@ -299,9 +313,10 @@ class EmoPulseV39(EmoPulse):
     STOP_COEF = 0.04
 
     def __init__(self, scope: float = 1.0, noise_floor: float = 1e-10,
-                 stop_thresholds: tuple[float, float] = (1e-6, 1e-7), pulse: str | None = None) -> None:
+                 stop_thresholds: tuple[float, float] = (1e-6, 1e-7), pulse: str | None = None,
+                 rule_kind: str = "adam") -> None:
         # v3.9 uses the 1e-10 floor for every family and its own stop rule: the family's values are ignored
-        super().__init__(scope, 1e-10, stop_thresholds, pulse)
+        super().__init__(scope, 1e-10, stop_thresholds, pulse, rule_kind)
 
     def reset(self) -> None:
         super().reset()
@@ -324,23 +339,30 @@ class EmoPulseAdaptive(EmoPulse):
     The step size lives in log space, starts at v3.8's ``1e-4 * scope`` and moves every step by::
 
         c      = cos(g, x0 - x)                   # on a fixed 1/61 subset of coordinates (emoq/probe.py)
-        signal = ema_0.9(c) / sqrt(ema_0.99(c**2))   # c's mean over its spread: about +-1 when c is steady
+        growth = GAIN * ema_0.9(c) / sqrt(ema_0.99(c**2))   # rule_kind "adam": c's mean over its spread
+               = SIGN_GAIN * (c - SIGN_TARGET)               # rule_kind "sign": the raw cosine, less a margin
         rise   = max(0, (s - m) / |m|)            # fast loss EMA above the medium one (SPEC step 1)
-        log_eta += clamp(GAIN * signal - BACKOFF * min(rise, 1), -MAX_CHANGE, MAX_CHANGE)
+        log_eta += clamp(growth - BACKOFF * min(rise, 1), -MAX_CHANGE, MAX_CHANGE)
         eta    = max(min(scope * exp(log_eta), scope * ETA_MAX), 1e-8)
 
     - While the gradient still points along the way the weights travelled from the start (the
-      signal D-Adaptation and Prodigy accumulate), the steps are too small: eta grows, up to
-      ``e**GAIN`` per step. Once it no longer does (``c <= 0``: the family's own steps overshoot
-      along their path) growth stops and reverses. ``c`` measures what the family's direction
-      actually did, so every family finds its own scale (sign rules a smaller one than EmoSens).
-      ``c`` itself is tiny in high dimension (noise): dividing by its RMS makes the growth rate
-      independent of the model size.
+      signal D-Adaptation and Prodigy accumulate), the steps are too small: eta grows. Once it no
+      longer does (the family's own steps overshoot along their path) growth stops and reverses.
+      ``c`` measures what the family's direction actually did, so every family finds its own scale.
+    - Adam-type steps (EmoSens): ``c`` is tiny in high dimension (noise), so its EMA is divided by
+      its RMS, which makes the growth rate (at most ``e**GAIN`` per step) independent of the model size.
+    - Sign steps (EmoAiry, EmoCats, EmoTion: ``+-eta`` on every coordinate, however small its
+      gradient) overshoot long before ``c`` turns negative; they grow only while ``c`` exceeds
+      ``SIGN_TARGET``, at ``SIGN_GAIN * (c - SIGN_TARGET)`` per step. Chosen by measurement
+      (bench/README.md "Pulse study"): the normalised signal sent them ~50x above their best
+      scale on digits.
     - A loss that rises above its recent level pulls eta down (up to ``e**-MAX_CHANGE`` per
       step): the fast reaction to spikes.
     eta never anneals below ``STOP_RATIO`` (1/100) of the largest value it reached; the stop
     signal (advice, the scope is untouched) holds while it sits at that floor. Core steps 1-6
-    run as in v3.8 (the shadow reads ``scalar`` and ``trust``).
+    run as in v3.8 (the shadow reads ``scalar`` and ``trust``). The rule kind is the optimizer's
+    (each family passes its own; :class:`~emoq.EmoPulseScheduler` takes ``rule_kind=``), not part
+    of the state: both kinds keep the same fields, and the cosine statistics are updated for both.
 
     Needs ``probe`` with every loss (``measure``): Emo optimizers and
     :class:`~emoq.EmoPulseScheduler` measure it; ``update(loss)`` alone raises ``ValueError``.
@@ -354,6 +376,8 @@ class EmoPulseAdaptive(EmoPulse):
     _OPTIONAL = EmoPulse._OPTIONAL + ("cos", "cos_v")
     ETA0 = 1e-4
     GAIN = 0.1
+    SIGN_GAIN = 1.0
+    SIGN_TARGET = 0.01
     BACKOFF = 3.0
     MAX_CHANGE = 0.3
     ETA_MAX = 0.1
@@ -372,11 +396,13 @@ class EmoPulseAdaptive(EmoPulse):
 
         return distance_probe(params, state)
 
-    def _signal(self, cos: float) -> float:
-        """The growth signal from this step's cosine: its EMA over its RMS."""
+    def _growth(self, cos: float) -> float:
+        """The change of ``log eta`` this step's cosine asks for (before the back-off and clamp)."""
         self.cos_m = 0.9 * self.cos_m + 0.1 * cos
         self.cos_v = cos * cos if self.cos_v is None else 0.99 * self.cos_v + 0.01 * cos * cos
-        return self.cos_m / (math.sqrt(self.cos_v) + 1e-12)
+        if self.rule_kind == "sign":
+            return self.SIGN_GAIN * (cos - self.SIGN_TARGET)
+        return self.GAIN * self.cos_m / (math.sqrt(self.cos_v) + 1e-12)
 
     def _observe(self, loss: float, probe: tuple[float, ...] | None) -> None:
         if probe is None or len(probe) != 3 or not all(map(math.isfinite, probe)):
@@ -390,7 +416,7 @@ class EmoPulseAdaptive(EmoPulse):
         rise = max(0.0, (self.short - self.medium) / max(abs(self.medium), 1e-12))
         change = -self.BACKOFF * min(rise, 1.0)
         if self.cos is not None:
-            change += self.GAIN * self._signal(self.cos)
+            change += self._growth(self.cos)
         self.log_eta += max(-self.MAX_CHANGE, min(self.MAX_CHANGE, change))
         # bounds in log space too, so it can never run away: at most ETA_MAX, at least
         # STOP_RATIO of the peak reached so far (annealed, not stopped), never below 1e-8

@@ -32,14 +32,18 @@ class EmoPulseScheduler:
         scope: scale on the pulse (the ``lr`` of an Emo optimizer), default 1.0.
         noise_floor, stop_thresholds: as in :class:`~emoq.EmoPulse` (EmoSens defaults).
         pulse: the variant, ``"v3.8"`` (default), ``"v3.9"`` or ``"adaptive"``.
+        rule_kind: the kind of step ``optimizer`` takes, which ``pulse="adaptive"`` reads:
+            ``"adam"`` (default: AdamW, Adafactor, SGD, ... a step scaled by the gradient) or
+            ``"sign"`` (Lion, signSGD: +-lr on every coordinate). See :class:`~emoq.pulse.EmoPulseAdaptive`.
     """
 
     def __init__(self, optimizer: Optimizer, scope: float = 1.0, noise_floor: float = 1e-10,
-                 stop_thresholds: tuple[float, float] = (1e-6, 1e-7), pulse: str = "v3.8") -> None:
+                 stop_thresholds: tuple[float, float] = (1e-6, 1e-7), pulse: str = "v3.8",
+                 rule_kind: str = "adam") -> None:
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"EmoPulseScheduler needs a torch.optim.Optimizer, got {type(optimizer).__name__}")
         self.optimizer = optimizer
-        self.pulse = make_pulse(pulse, scope, noise_floor, stop_thresholds)
+        self.pulse = make_pulse(pulse, scope, noise_floor, stop_thresholds, rule_kind)
         self.skipped_steps = 0
         self._warned = False
         self._probe_state: dict[Tensor, dict[str, Tensor]] = defaultdict(dict)  # the adaptive pulse's, per param

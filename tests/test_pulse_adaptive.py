@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import emoq
 from emoq.probe import STATE_NAME, STRIDE, distance_probe
-from emoq.pulse import EmoPulseAdaptive
+from emoq.pulse import RULE_KINDS, EmoPulseAdaptive
 from tests.conftest import emo_record, make_net, resume_from_bytes, share_record, train
 
 FAMILIES = [emoq.EmoSens, emoq.EmoAiry, emoq.EmoCats, emoq.EmoTion]
@@ -60,11 +60,12 @@ def test_probe_memory_is_a_sixty_first(batch):
 probes = st.tuples(st.floats(-1e30, 1e30), st.floats(0, 1e30), st.floats(0, 1e30))
 
 
+@pytest.mark.parametrize("kind", RULE_KINDS)
 @settings(max_examples=300, deadline=None)
 @given(st.lists(st.tuples(st.floats(-1e6, 1e6), probes), min_size=1, max_size=80),
        st.floats(min_value=1e-3, max_value=1e3))
-def test_eta_is_finite_bounded_and_moves_at_most_max_change(seq, scope):
-    pulse = A(scope)
+def test_eta_is_finite_bounded_and_moves_at_most_max_change(kind, seq, scope):
+    pulse = A(scope, rule_kind=kind)
     last = None
     for loss, probe in seq:
         eta = pulse.update(loss, probe)
@@ -89,6 +90,68 @@ def test_grows_while_the_gradient_follows_the_travel_and_shrinks_after():
     for _ in range(2000):
         eta = pulse.update(1.0, (1.0, 1.0, 1.0))
     assert eta == 2.0 * A.ETA_MAX and not math.isinf(pulse.log_eta)
+
+
+def reference_sign_controller(losses_and_cosines, scope=1.0):
+    """The sign kind's eta, written out plainly from the docstring (loss EMAs of SPEC step 1)."""
+    s = m = None
+    log_eta, log_peak, out = math.log(A.ETA0), math.log(A.ETA0), []
+    for loss, cos in losses_and_cosines:
+        s, m = (loss, loss) if s is None else (s, m)
+        s, m = 0.3 * loss + 0.7 * s, 0.05 * loss + 0.95 * m
+        rise = max(0.0, (s - m) / max(abs(m), 1e-12))
+        change = A.SIGN_GAIN * (cos - A.SIGN_TARGET) - A.BACKOFF * min(rise, 1.0)
+        log_eta += max(-A.MAX_CHANGE, min(A.MAX_CHANGE, change))
+        floor = max(math.log(1e-8 / scope), log_peak + math.log(A.STOP_RATIO))
+        log_eta = max(floor, min(math.log(A.ETA_MAX), log_eta))
+        log_peak = max(log_peak, log_eta)
+        out.append(scope * math.exp(log_eta))
+    return out
+
+
+def test_sign_kind_grows_only_while_the_cosine_exceeds_its_target():
+    cosines = [0.05] * 20 + [0.005] * 20 + [0.2] * 5 + [-0.3] * 200
+    losses = [1.0 + 0.01 * math.sin(i) for i in range(len(cosines))]
+    sign = A(rule_kind="sign")
+    got = [sign.update(x, (c, 1.0, 1.0)) for x, c in zip(losses, cosines)]
+    assert got == pytest.approx(reference_sign_controller(zip(losses, cosines)), rel=1e-12)
+    assert got[19] > got[0] and got[39] < got[19]  # above the target it grows, below it (still > 0) shrinks
+    assert sign.should_stop  # annealed to 1/100 of its peak
+    # the Adam kind grows on the same small positive cosines (their sign, not their size)
+    adam = A(rule_kind="adam")
+    got = [adam.update(x, (c, 1.0, 1.0)) for x, c in zip(losses[:40], cosines[:40])]
+    assert got[39] > got[19] > got[0]
+
+
+def test_each_family_passes_its_rule_kind_and_the_scheduler_takes_one():
+    p = [torch.nn.Parameter(torch.zeros(3))]
+    kinds = {cls.__name__: cls(p, pulse="adaptive").emo_pulse.rule_kind for cls in FAMILIES}
+    assert kinds == {"EmoSens": "adam", "EmoAiry": "sign", "EmoCats": "sign", "EmoTion": "sign"}
+    assert emoq.EmoCats8bit(p, pulse="adaptive").emo_pulse.rule_kind == "sign"
+    sgd = torch.optim.SGD(p, lr=0.1)
+    assert emoq.EmoPulseScheduler(sgd, pulse="adaptive").pulse.rule_kind == "adam"
+    assert emoq.EmoPulseScheduler(sgd, pulse="adaptive", rule_kind="sign").pulse.rule_kind == "sign"
+    for bad in ["Sign", "lion", None, 1]:
+        with pytest.raises(ValueError, match="rule_kind must be one of"):
+            emoq.EmoPulseScheduler(sgd, pulse="adaptive", rule_kind=bad)
+        with pytest.raises(ValueError, match="rule_kind must be one of"):
+            emoq.EmoPulse(pulse="v3.8", rule_kind=bad)
+    assert sgd.param_groups[0]["lr"] == 0.1  # a refused scheduler changed nothing
+
+
+@pytest.mark.parametrize("kind", RULE_KINDS)
+def test_both_kinds_keep_the_same_state_fields_and_resume_bit_exactly(kind):
+    seq = [(1.0 / (i + 1), (0.03 * math.cos(i), 1.0, 2.0)) for i in range(40)]
+    full = A(2.0, rule_kind=kind)
+    want = [full.update(*x) for x in seq]
+    first = A(2.0, rule_kind=kind)
+    for x in seq[:17]:
+        first.update(*x)
+    resumed = A(2.0, rule_kind=kind)
+    resumed.load_state_dict(first.state_dict())
+    assert [resumed.update(*x) for x in seq[17:]] == want[17:]
+    other = "adam" if kind == "sign" else "sign"
+    assert set(full.state_dict()) == set(A(rule_kind=other).state_dict())
 
 
 def test_backs_off_when_the_loss_rises():

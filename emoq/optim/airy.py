@@ -60,6 +60,7 @@ class EmoAiry(EmoOptimizer):
 
     noise_floor = 1e-8
     rule = staticmethod(emoairy_rule)
+    rule_kind = "sign"
     stats = staticmethod(emoairy_stats)
 
     eps_in_denominator = True

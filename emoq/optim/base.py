@@ -264,6 +264,9 @@ class EmoOptimizer(Optimizer):
 
     stop_thresholds: tuple[float, float] = (1e-6, 1e-7)
     noise_floor: float = 1e-10
+    #: the kind of step the rule takes (``emoq.pulse.RULE_KINDS``), which the adaptive pulse reads:
+    #: ``"adam"`` a scaled step, ``"sign"`` +-eta per coordinate
+    rule_kind: str = "adam"
 
     def __init__(
         self,
@@ -295,7 +298,7 @@ class EmoOptimizer(Optimizer):
         defaults = dict(lr=float(lr), betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         self.use_shadow = use_shadow
         self.state_precision = state_precision
-        self._pulse = make_pulse(pulse, float(lr), self.noise_floor, self.stop_thresholds)
+        self._pulse = make_pulse(pulse, float(lr), self.noise_floor, self.stop_thresholds, self.rule_kind)
         self._state_shapes: dict[Tensor, torch.Size] = {}  # each parameter's shape when its states were made
         self._recorded_sum: Tensor | None = None  # running sum of the recorded micro-batch losses
         self._recorded_count = 0

@@ -60,6 +60,7 @@ class EmoTion(EmoOptimizer):
 
     stop_thresholds = (5e-6, 5e-7)
     rule = staticmethod(emotion_rule)
+    rule_kind = "sign"
     stats = staticmethod(emotion_stats)
 
     def _uses_stats(self, p: Tensor) -> bool:
