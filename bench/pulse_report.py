@@ -43,11 +43,15 @@ def report(task: str, seeds: list[int], out: Path, extra: list[str] | None = Non
     if seeds:
         shown = [adam] if adam else []
         shown += ["Prodigy"] + [emo_spec(f, p) for f in FAMILIES for p in PULSES]
-        try:
-            plot(task, cache, [s for s in shown if s in rows], seeds[0], out / f"pulse_{task}.png",
-                 f"{task}: seed {seeds[0]}, every Emo family at lr=1.0 with each pulse")
-        except ImportError:
-            pass
+        shown = [s for s in shown if (s, seeds[0]) in cache]
+        if not shown:
+            print(f"(no plot: none of the plotted optimizers has a run with seed {seeds[0]} in the cache)")
+        else:
+            try:
+                plot(task, cache, shown, seeds[0], out / f"pulse_{task}.png",
+                     f"{task}: seed {seeds[0]}, every Emo family at lr=1.0 with each pulse")
+            except ImportError:
+                pass
     print(markdown(summary))
     print()
     print(family_table(summary))
@@ -113,6 +117,7 @@ def plot(task: str, cache: dict, specs: list[str], seed: int, path: Path, title:
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_eta) = plt.subplots(2, 1, figsize=(9, 8), sharex=True)
+    window = 1
     for spec in specs:
         run = cache.get((spec, seed))
         if run is None:

@@ -23,3 +23,26 @@ def test_state_bytes_counts_stacked_states_whole():
     adamw = torch.optim.AdamW(params, lr=1e-3)
     adamw.step()
     assert common.state_bytes(adamw) == 2 * 4 * n + 4 * len(params)  # exp_avg, exp_avg_sq, step
+
+
+def test_pulse_report_without_the_plotted_optimizers_writes_its_table(tmp_path, capsys):
+    # A cache holding only research candidates (e.g. a QLoRA run of three candidate specs) crashed
+    # the report in the plot (an unbound local), after the JSON but before the tables.
+    import json
+
+    from bench.pulse_report import report
+    from bench.pulse_study import cache_path
+
+    path = cache_path("qlora", tmp_path)
+    path.parent.mkdir(parents=True)
+    runs = [{"task": "qlora", "spec": spec, "seed": 0, "test_loss": loss, "train_loss": loss, "diverged": False,
+             "skipped_steps": 0, "seconds": 1.0, "curve": [3.0, loss], "etas": [1e-4, 2e-4]}
+            for spec, loss in [("EmoCats fp32 cand:adaptive,target=0.01 scope=1", 2.9),
+                               ("EmoTion fp32 cand:adaptive,target=0.01 scope=1", 2.92)]]
+    path.write_text("".join(json.dumps(r) + "\n" for r in runs))
+    summary = report("qlora", [0], tmp_path)
+    out = capsys.readouterr().out
+    assert "no plot" in out and "EmoCats fp32 cand:adaptive,target=0.01 scope=1" in out
+    assert summary["best_adamw"] is None  # no AdamW run: the ratios to it are NaN, not an error
+    assert json.loads((tmp_path / "pulse_qlora.json").read_text())["results"].keys() == {r["spec"] for r in runs}
+    assert not (tmp_path / "pulse_qlora.png").exists()
