@@ -297,15 +297,19 @@ def adaptive_variant(**constants: float) -> type:
 
 
 def raw_cosine(base: type, target: float, normalize: bool) -> type:
-    """The adaptive pulse growing on ``cos - target`` (the first design: the raw cosine, no RMS)."""
+    """The adaptive pulse growing on ``GAIN * (signal - target)``, for every family alike: the
+    signal is the raw cosine, or (``normalize``) its EMA over its RMS — the library's signal for
+    every family until 26 Nov (``ema_0.9(c) / sqrt(ema_0.99(c**2))``, GAIN 0.1)."""
 
     def _growth(self: Any, cos: float) -> float:
-        self.cos_m = 0.9 * self.cos_m + 0.1 * cos
-        self.cos_v = cos * cos if self.cos_v is None else 0.99 * self.cos_v + 0.01 * cos * cos
-        signal = self.cos_m / (math.sqrt(self.cos_v) + 1e-12) if normalize else cos
-        return self.GAIN * (signal - target)
+        if not normalize:
+            return self.GAIN * (cos - target)
+        m = 0.9 * getattr(self, "cand_m", 0.0) + 0.1 * cos
+        v = cos * cos if getattr(self, "cand_v", None) is None else 0.99 * self.cand_v + 0.01 * cos * cos
+        self.cand_m, self.cand_v = m, v
+        return self.GAIN * (m / (math.sqrt(v) + 1e-12) - target)
 
-    return type("AdaptiveRaw", (base,), {"_growth": _growth}, register=False)
+    return type("AdaptiveCandidate", (base,), {"_growth": _growth}, register=False)
 
 
 def install(opt: Any, spec: str) -> None:
@@ -314,13 +318,12 @@ def install(opt: Any, spec: str) -> None:
     kw = {k: float(v) for k, v in (pair.split("=") for pair in pairs)}
     if name == "adaptive":  # the library class, constants overridden
         # the recorded specs' defaults: the first design (raw cosine, GAIN=1, TARGET=0); the
-        # library's now is normalize=1, gain=0.1 (docs/decisions.md)
+        # library's now is the raw cosine with GAIN 1 and a target per rule kind (docs/decisions.md)
         kw = {"normalize": 0.0, "gain": 1.0, **kw}
         cls = adaptive_variant(**{k: v for k, v in kw.items() if k not in ("normalize", "target")})
-        if not kw["normalize"] or kw.get("target", 0.0):
-            cls = raw_cosine(cls, kw.get("target", 0.0), bool(kw["normalize"]))
-        # rule_kind "adam" for every family: a candidate's signal is the spec's, not the family's
-        opt._pulse = cls(opt._pulse.initial_scope, opt.noise_floor, opt.stop_thresholds, rule_kind="adam")
+        cls = raw_cosine(cls, kw.get("target", 0.0), bool(kw["normalize"]))
+        # the spec's signal for every family (not the library's per-kind target)
+        opt._pulse = cls(opt._pulse.initial_scope, opt.noise_floor, opt.stop_thresholds)
         return
     if "stride" in kw:
         kw["stride"] = int(kw["stride"])

@@ -339,45 +339,44 @@ class EmoPulseAdaptive(EmoPulse):
     The step size lives in log space, starts at v3.8's ``1e-4 * scope`` and moves every step by::
 
         c      = cos(g, x0 - x)                   # on a fixed 1/61 subset of coordinates (emoq/probe.py)
-        growth = GAIN * ema_0.9(c) / sqrt(ema_0.99(c**2))   # rule_kind "adam": c's mean over its spread
-               = SIGN_GAIN * (c - SIGN_TARGET)               # rule_kind "sign": the raw cosine, less a margin
+        growth = GAIN * (c - TARGET[rule_kind])   # TARGET: "adam" -0.01, "sign" +0.01
         rise   = max(0, (s - m) / |m|)            # fast loss EMA above the medium one (SPEC step 1)
         log_eta += clamp(growth - BACKOFF * min(rise, 1), -MAX_CHANGE, MAX_CHANGE)
         eta    = max(min(scope * exp(log_eta), scope * ETA_MAX), 1e-8)
 
     - While the gradient still points along the way the weights travelled from the start (the
-      signal D-Adaptation and Prodigy accumulate), the steps are too small: eta grows. Once it no
-      longer does (the family's own steps overshoot along their path) growth stops and reverses.
-      ``c`` measures what the family's direction actually did, so every family finds its own scale.
-    - Adam-type steps (EmoSens): ``c`` is tiny in high dimension (noise), so its EMA is divided by
-      its RMS, which makes the growth rate (at most ``e**GAIN`` per step) independent of the model size.
-    - Sign steps (EmoAiry, EmoCats, EmoTion: ``+-eta`` on every coordinate, however small its
+      signal D-Adaptation and Prodigy accumulate), the steps are too small: eta grows. Once the
+      family's own steps overshoot along their path (``c`` below the target) it shrinks. ``c``
+      measures what the family's direction actually did, so every family finds its own scale.
+    - The target depends on the kind of step (``rule_kind``, each optimizer class names its
+      own). Adam-type steps (EmoSens, ``m/sqrt(v)``: small where the gradient is noisy) grow
+      unless ``c`` is clearly negative (target -0.01): in high dimension ``c`` is small, and
+      waiting for it to be positive kept EmoSens at a third of its best scale on a noisy task.
+      Sign steps (EmoAiry, EmoCats, EmoTion: ``+-eta`` on every coordinate, however small its
       gradient) overshoot long before ``c`` turns negative; they grow only while ``c`` exceeds
-      ``SIGN_TARGET``, at ``SIGN_GAIN * (c - SIGN_TARGET)`` per step. Chosen by measurement
-      (bench/README.md "Pulse study"): the normalised signal sent them ~50x above their best
-      scale on digits.
+      +0.01. Both chosen by measurement (bench/README.md "Pulse study", docs/decisions.md).
     - A loss that rises above its recent level pulls eta down (up to ``e**-MAX_CHANGE`` per
-      step): the fast reaction to spikes.
+      step): the fast reaction to spikes, and what bounds the Adam kind's growth.
     eta never anneals below ``STOP_RATIO`` (1/100) of the largest value it reached; the stop
     signal (advice, the scope is untouched) holds while it sits at that floor. Core steps 1-6
-    run as in v3.8 (the shadow reads ``scalar`` and ``trust``). The rule kind is the optimizer's
-    (each family passes its own; :class:`~emoq.EmoPulseScheduler` takes ``rule_kind=``), not part
-    of the state: both kinds keep the same fields, and the cosine statistics are updated for both.
+    run as in v3.8 (the shadow reads ``scalar`` and ``trust``). The rule kind is configuration
+    (:class:`~emoq.EmoPulseScheduler` takes ``rule_kind=``), not state: a checkpoint does not
+    record it.
 
     Needs ``probe`` with every loss (``measure``): Emo optimizers and
     :class:`~emoq.EmoPulseScheduler` measure it; ``update(loss)`` alone raises ``ValueError``.
     Trap: ``rise`` is relative to the loss level, so a loss with a large constant offset reacts
-    less to its noise. Design and measurements: docs/pulse.md, docs/decisions.md, bench/README.md.
+    less to its noise, and a loss near zero more (on digits eta anneals once the training loss
+    is ~1e-3). Design and measurements: docs/pulse.md, docs/decisions.md, bench/README.md.
     """
 
     name = "adaptive"
     needs_probe = True
-    _FIELDS = ("log_eta", "log_peak", "cos", "cos_m", "cos_v")
-    _OPTIONAL = EmoPulse._OPTIONAL + ("cos", "cos_v")
+    _FIELDS = ("log_eta", "log_peak", "cos")
+    _OPTIONAL = EmoPulse._OPTIONAL + ("cos",)
     ETA0 = 1e-4
-    GAIN = 0.1
-    SIGN_GAIN = 1.0
-    SIGN_TARGET = 0.01
+    GAIN = 1.0
+    TARGET: ClassVar[dict[str, float]] = {"adam": -0.01, "sign": 0.01}
     BACKOFF = 3.0
     MAX_CHANGE = 0.3
     ETA_MAX = 0.1
@@ -388,8 +387,6 @@ class EmoPulseAdaptive(EmoPulse):
         self.log_eta = math.log(self.ETA0)
         self.log_peak = self.log_eta
         self.cos: float | None = None
-        self.cos_m = 0.0
-        self.cos_v: float | None = None
 
     def measure(self, params: list[Any], state: dict[Any, dict[str, Any]]) -> tuple[float, float, float]:
         from emoq.probe import distance_probe
@@ -398,11 +395,7 @@ class EmoPulseAdaptive(EmoPulse):
 
     def _growth(self, cos: float) -> float:
         """The change of ``log eta`` this step's cosine asks for (before the back-off and clamp)."""
-        self.cos_m = 0.9 * self.cos_m + 0.1 * cos
-        self.cos_v = cos * cos if self.cos_v is None else 0.99 * self.cos_v + 0.01 * cos * cos
-        if self.rule_kind == "sign":
-            return self.SIGN_GAIN * (cos - self.SIGN_TARGET)
-        return self.GAIN * self.cos_m / (math.sqrt(self.cos_v) + 1e-12)
+        return self.GAIN * (cos - self.TARGET[self.rule_kind])
 
     def _observe(self, loss: float, probe: tuple[float, ...] | None) -> None:
         if probe is None or len(probe) != 3 or not all(map(math.isfinite, probe)):

@@ -76,51 +76,51 @@ def test_eta_is_finite_bounded_and_moves_at_most_max_change(kind, seq, scope):
 
 
 def test_grows_while_the_gradient_follows_the_travel_and_shrinks_after():
-    pulse = A(2.0)
-    eta0 = pulse.update(1.0, (0.0, 0.0, 0.0))
+    pulse = A(2.0)  # rule_kind "adam"
+    eta0 = pulse.update(1.0, (0.0, 0.0, 0.0))  # no cosine yet (|x0 - x| = 0): no growth
     assert eta0 == pytest.approx(2.0 * A.ETA0)
-    etas = [pulse.update(1.0, (0.5, 1.0, 1.0)) for _ in range(10)]  # cos = 0.5: steady, signal -> 1
-    assert all(b > a for a, b in zip([eta0, *etas], etas))
-    assert math.log(etas[-1] / etas[-2]) == pytest.approx(A.GAIN * pulse.cos_m / math.sqrt(pulse.cos_v))
+    etas = [pulse.update(1.0, (0.05, 1.0, 1.0)) for _ in range(10)]  # cos = 0.05
+    step = A.GAIN * (0.05 - A.TARGET["adam"])
+    assert all(math.log(b / a) == pytest.approx(step) for a, b in zip([eta0, *etas], etas))
     high = etas[-1]
-    etas = [pulse.update(1.0, (-0.5, 1.0, 1.0)) for _ in range(30)]  # cos = -0.5: shrinks once its EMA turns
-    assert etas[-1] < high
-    turn = next(i for i, (a, b) in enumerate(zip(etas, etas[1:])) if b < a)
-    assert all(b < a for a, b in zip(etas[turn:], etas[turn + 1:]))
+    etas = [pulse.update(1.0, (-0.5, 1.0, 1.0)) for _ in range(30)]  # overshoot: shrinks at once, clamped
+    assert all(math.log(b / a) == pytest.approx(-A.MAX_CHANGE) for a, b in zip([high, *etas], etas[:5]))
     for _ in range(2000):
         eta = pulse.update(1.0, (1.0, 1.0, 1.0))
     assert eta == 2.0 * A.ETA_MAX and not math.isinf(pulse.log_eta)
 
 
-def reference_sign_controller(losses_and_cosines, scope=1.0):
-    """The sign kind's eta, written out plainly from the docstring (loss EMAs of SPEC step 1)."""
+def reference_controller(kind, losses_and_cosines, scope=1.0):
+    """eta of either kind, written out plainly from the docstring (loss EMAs of SPEC step 1)."""
+    target = {"adam": -0.01, "sign": 0.01}[kind]
     s = m = None
-    log_eta, log_peak, out = math.log(A.ETA0), math.log(A.ETA0), []
+    log_eta, log_peak, out = math.log(1e-4), math.log(1e-4), []
     for loss, cos in losses_and_cosines:
         s, m = (loss, loss) if s is None else (s, m)
         s, m = 0.3 * loss + 0.7 * s, 0.05 * loss + 0.95 * m
         rise = max(0.0, (s - m) / max(abs(m), 1e-12))
-        change = A.SIGN_GAIN * (cos - A.SIGN_TARGET) - A.BACKOFF * min(rise, 1.0)
-        log_eta += max(-A.MAX_CHANGE, min(A.MAX_CHANGE, change))
-        floor = max(math.log(1e-8 / scope), log_peak + math.log(A.STOP_RATIO))
-        log_eta = max(floor, min(math.log(A.ETA_MAX), log_eta))
+        change = 1.0 * (cos - target) - 3.0 * min(rise, 1.0)
+        log_eta += max(-0.3, min(0.3, change))
+        floor = max(math.log(1e-8 / scope), log_peak + math.log(0.01))
+        log_eta = max(floor, min(math.log(0.1), log_eta))
         log_peak = max(log_peak, log_eta)
         out.append(scope * math.exp(log_eta))
     return out
 
 
-def test_sign_kind_grows_only_while_the_cosine_exceeds_its_target():
-    cosines = [0.05] * 20 + [0.005] * 20 + [0.2] * 5 + [-0.3] * 200
+@pytest.mark.parametrize("kind", RULE_KINDS)
+def test_each_kind_against_its_plain_reference(kind):
+    cosines = [0.05] * 20 + [0.005] * 20 + [-0.005] * 20 + [0.2] * 5 + [-0.3] * 200
     losses = [1.0 + 0.01 * math.sin(i) for i in range(len(cosines))]
-    sign = A(rule_kind="sign")
-    got = [sign.update(x, (c, 1.0, 1.0)) for x, c in zip(losses, cosines)]
-    assert got == pytest.approx(reference_sign_controller(zip(losses, cosines)), rel=1e-12)
-    assert got[19] > got[0] and got[39] < got[19]  # above the target it grows, below it (still > 0) shrinks
-    assert sign.should_stop  # annealed to 1/100 of its peak
-    # the Adam kind grows on the same small positive cosines (their sign, not their size)
-    adam = A(rule_kind="adam")
-    got = [adam.update(x, (c, 1.0, 1.0)) for x, c in zip(losses[:40], cosines[:40])]
-    assert got[39] > got[19] > got[0]
+    pulse = A(0.5, rule_kind=kind)
+    got = [pulse.update(x, (c, 1.0, 1.0)) for x, c in zip(losses, cosines)]
+    assert got == pytest.approx(reference_controller(kind, zip(losses, cosines), 0.5), rel=1e-12)
+    assert got[19] > got[0]  # a clearly positive cosine: both grow
+    if kind == "sign":  # a small positive or negative one: sign steps shrink, Adam steps (target -0.01) grow
+        assert got[39] < got[19] and got[59] < got[39]
+    else:
+        assert got[39] > got[19] and got[59] > got[39]
+    assert pulse.should_stop  # annealed to 1/100 of its peak
 
 
 def test_each_family_passes_its_rule_kind_and_the_scheduler_takes_one():
