@@ -235,12 +235,11 @@ class Calibrated(Candidate, register=False):
     name = "cand-calib"
 
     def extra_init(self) -> None:
-        from emoq.pulse import EmoPulseAdaptive
-
         kw = self.kw
-        cls = type("Inner", (EmoPulseAdaptive,), {"GAIN": kw.get("gain", 0.1), "ETA0": kw.get("eta0", 1e-4),
-                                                     "BACKOFF": kw.get("backoff", 3.0),
-                                                     "MAX_CHANGE": kw.get("max_change", 0.3)}, register=False)
+        # the library's adaptive pulse as it was when this candidate ran: the normalised cosine
+        cls = raw_cosine(adaptive_variant(gain=kw.get("gain", 0.1), eta0=kw.get("eta0", 1e-4),
+                                          backoff=kw.get("backoff", 3.0), max_change=kw.get("max_change", 0.3)),
+                         0.0, True)
         self.inner = cls(self.initial_scope, self.noise_floor, self.stop_thresholds)
         self.apply_kappa = bool(kw.get("sign", 1.0))
         self.b1, self.b2 = kw.get("b1", 0.9), kw.get("b2", 0.999)
@@ -293,7 +292,9 @@ def adaptive_variant(**constants: float) -> type:
     """The library's adaptive pulse with other constants (GAIN, TARGET, MAX_CHANGE, ETA_MAX, ...)."""
     from emoq.pulse import EmoPulseAdaptive
 
-    return type("AdaptiveVariant", (EmoPulseAdaptive,), {k.upper(): v for k, v in constants.items()}, register=False)
+    per_kind = ("ETA0", "TARGET")  # the library keeps these per rule kind: a candidate's value serves both
+    attrs = {k.upper(): ({"adam": v, "sign": v} if k.upper() in per_kind else v) for k, v in constants.items()}
+    return type("AdaptiveVariant", (EmoPulseAdaptive,), attrs, register=False)
 
 
 def raw_cosine(base: type, target: float, normalize: bool) -> type:

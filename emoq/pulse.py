@@ -374,7 +374,7 @@ class EmoPulseAdaptive(EmoPulse):
     needs_probe = True
     _FIELDS = ("log_eta", "log_peak", "cos")
     _OPTIONAL = EmoPulse._OPTIONAL + ("cos",)
-    ETA0 = 1e-4
+    ETA0: ClassVar[dict[str, float]] = {"adam": 1e-4, "sign": 1e-4}
     GAIN = 1.0
     TARGET: ClassVar[dict[str, float]] = {"adam": -0.01, "sign": 0.01}
     BACKOFF = 3.0
@@ -384,7 +384,7 @@ class EmoPulseAdaptive(EmoPulse):
 
     def reset(self) -> None:
         super().reset()
-        self.log_eta = math.log(self.ETA0)
+        self.log_eta = math.log(self.ETA0[self.rule_kind])
         self.log_peak = self.log_eta
         self.cos: float | None = None
 

@@ -78,7 +78,7 @@ def test_eta_is_finite_bounded_and_moves_at_most_max_change(kind, seq, scope):
 def test_grows_while_the_gradient_follows_the_travel_and_shrinks_after():
     pulse = A(2.0)  # rule_kind "adam"
     eta0 = pulse.update(1.0, (0.0, 0.0, 0.0))  # no cosine yet (|x0 - x| = 0): no growth
-    assert eta0 == pytest.approx(2.0 * A.ETA0)
+    assert eta0 == pytest.approx(2.0 * A.ETA0["adam"])
     etas = [pulse.update(1.0, (0.05, 1.0, 1.0)) for _ in range(10)]  # cos = 0.05
     step = A.GAIN * (0.05 - A.TARGET["adam"])
     assert all(math.log(b / a) == pytest.approx(step) for a, b in zip([eta0, *etas], etas))
@@ -245,7 +245,7 @@ def test_trains_at_lr_one_without_tuning(cls, batch):
     losses = train(net, opt, batch, 60)
     assert all(math.isfinite(x) for x in losses) and opt.skipped_steps == 0
     assert sum(losses[-8:]) / 8 < 0.5 * sum(losses[:4]) / 4
-    assert opt.pulse > A.ETA0  # it found a larger scale than its start
+    assert opt.pulse > A.ETA0[cls.rule_kind]  # it found a larger scale than its start
 
 
 def test_skipped_step_leaves_probe_and_pulse_alone(batch):
