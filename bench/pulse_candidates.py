@@ -320,7 +320,8 @@ def install(opt: Any, spec: str) -> None:
     if name == "adaptive":  # the library class, constants overridden
         # the recorded specs' defaults: the first design (raw cosine, GAIN=1, TARGET=0); the
         # library's now is the raw cosine with GAIN 1 and a target per rule kind (docs/decisions.md)
-        kw = {"normalize": 0.0, "gain": 1.0, **kw}
+        # (and start eta 1e-4, as every recorded candidate ran: the library now starts Adam-type at 1e-3)
+        kw = {"normalize": 0.0, "gain": 1.0, "eta0": 1e-4, **kw}
         cls = adaptive_variant(**{k: v for k, v in kw.items() if k not in ("normalize", "target")})
         cls = raw_cosine(cls, kw.get("target", 0.0), bool(kw["normalize"]))
         # the spec's signal for every family (not the library's per-kind target)

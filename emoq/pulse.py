@@ -336,7 +336,9 @@ class EmoPulseV39(EmoPulse):
 class EmoPulseAdaptive(EmoPulse):
     """emoq's own pulse, ``pulse="adaptive"``: looks for the step-size scale each family needs.
 
-    The step size lives in log space, starts at v3.8's ``1e-4 * scope`` and moves every step by::
+    The step size lives in log space, starts at ``ETA0 * scope`` (``1e-3`` for Adam-type steps,
+    torch's Adam default; ``1e-4`` for sign steps, v3.8's and Lion's usual rate) and moves every
+    step by::
 
         c      = cos(g, x0 - x)                   # on a fixed 1/61 subset of coordinates (emoq/probe.py)
         growth = GAIN * (c - TARGET[rule_kind])   # TARGET: "adam" -0.01, "sign" +0.01
@@ -374,7 +376,7 @@ class EmoPulseAdaptive(EmoPulse):
     needs_probe = True
     _FIELDS = ("log_eta", "log_peak", "cos")
     _OPTIONAL = EmoPulse._OPTIONAL + ("cos",)
-    ETA0: ClassVar[dict[str, float]] = {"adam": 1e-4, "sign": 1e-4}
+    ETA0: ClassVar[dict[str, float]] = {"adam": 1e-3, "sign": 1e-4}
     GAIN = 1.0
     TARGET: ClassVar[dict[str, float]] = {"adam": -0.01, "sign": 0.01}
     BACKOFF = 3.0

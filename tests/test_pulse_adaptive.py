@@ -92,9 +92,9 @@ def test_grows_while_the_gradient_follows_the_travel_and_shrinks_after():
 
 def reference_controller(kind, losses_and_cosines, scope=1.0):
     """eta of either kind, written out plainly from the docstring (loss EMAs of SPEC step 1)."""
-    target = {"adam": -0.01, "sign": 0.01}[kind]
+    target, start = {"adam": (-0.01, 1e-3), "sign": (0.01, 1e-4)}[kind]
     s = m = None
-    log_eta, log_peak, out = math.log(1e-4), math.log(1e-4), []
+    log_eta, log_peak, out = math.log(start), math.log(start), []
     for loss, cos in losses_and_cosines:
         s, m = (loss, loss) if s is None else (s, m)
         s, m = 0.3 * loss + 0.7 * s, 0.05 * loss + 0.95 * m
