@@ -58,7 +58,7 @@ class EmoPulse:
             ``EmoPulse(pulse="v3.9")`` returns an :class:`EmoPulseV39`.
         rule_kind: ``"adam"`` (default) or ``"sign"``: the kind of step the pulse scales
             (``RULE_KINDS``); each Emo optimizer passes its own. v3.8 and v3.9 ignore it; the
-            adaptive pulse grows on another signal for sign rules.
+            adaptive pulse takes its start and its growth target from it.
 
     Trap: the pulse expects the *unscaled* loss of one optimizer update. Feeding it a loss
     multiplied by an AMP GradScaler, or the sum instead of the mean of micro-batch losses,

@@ -1,5 +1,7 @@
 """bench.common's measurements."""
 
+import os
+
 import pytest
 import torch
 
@@ -25,11 +27,14 @@ def test_state_bytes_counts_stacked_states_whole():
     assert common.state_bytes(adamw) == 2 * 4 * n + 4 * len(params)  # exp_avg, exp_avg_sq, step
 
 
-def test_pulse_report_without_the_plotted_optimizers_writes_its_table(tmp_path, capsys):
+def test_pulse_report_without_the_plotted_optimizers_writes_its_table(tmp_path, capsys, monkeypatch):
     # A cache holding only research candidates (e.g. a QLoRA run of three candidate specs) crashed
     # the report in the plot (an unbound local), after the JSON but before the tables.
     import json
 
+    # importing bench.pulse_study sets EMOQ_COMPILE=0 for its runs: undone after this test, so
+    # the tests after it keep the compiled default path
+    monkeypatch.setenv("EMOQ_COMPILE", os.environ.get("EMOQ_COMPILE", "1"))
     from bench.pulse_report import report
     from bench.pulse_study import cache_path
 
