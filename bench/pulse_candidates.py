@@ -318,13 +318,11 @@ def install(opt: Any, spec: str) -> None:
     name, *pairs = spec.split(",")
     kw = {k: float(v) for k, v in (pair.split("=") for pair in pairs)}
     if name == "adaptive":  # the library class, constants overridden
-        # the recorded specs' defaults: the first design (raw cosine, GAIN=1, TARGET=0); the
-        # library's now is the raw cosine with GAIN 1 and a target per rule kind (docs/decisions.md)
-        # (and start eta 1e-4, as every recorded candidate ran: the library now starts Adam-type at 1e-3)
+        # the defaults every recorded spec ran with: the raw cosine, GAIN 1, target 0, start 1e-4,
+        # the same for every family (the library's start and target depend on the rule kind)
         kw = {"normalize": 0.0, "gain": 1.0, "eta0": 1e-4, **kw}
         cls = adaptive_variant(**{k: v for k, v in kw.items() if k not in ("normalize", "target")})
         cls = raw_cosine(cls, kw.get("target", 0.0), bool(kw["normalize"]))
-        # the spec's signal for every family (not the library's per-kind target)
         opt._pulse = cls(opt._pulse.initial_scope, opt.noise_floor, opt.stop_thresholds)
         return
     if "stride" in kw:

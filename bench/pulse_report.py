@@ -43,12 +43,12 @@ def report(task: str, seeds: list[int], out: Path, extra: list[str] | None = Non
     if seeds:
         shown = [adam] if adam else []
         shown += ["Prodigy"] + [emo_spec(f, p) for f in FAMILIES for p in PULSES]
-        shown = [s for s in shown if (s, seeds[0]) in cache]
-        if not shown:
+        runs = [(s, cache[(s, seeds[0])]) for s in shown if (s, seeds[0]) in cache]
+        if not runs:
             print(f"(no plot: none of the plotted optimizers has a run with seed {seeds[0]} in the cache)")
         else:
             try:
-                plot(task, cache, shown, seeds[0], out / f"pulse_{task}.png",
+                plot(runs, out / f"pulse_{task}.png",
                      f"{task}: seed {seeds[0]}, every Emo family at lr=1.0 with each pulse")
             except ImportError:
                 pass
@@ -109,21 +109,18 @@ def family_table(summary: dict[str, Any]) -> str:
 __all__ = ["report", "markdown", "family_best", "family_table", "PULSES"]
 
 
-def plot(task: str, cache: dict, specs: list[str], seed: int, path: Path, title: str) -> None:
-    """Loss (smoothed) and step size per step of ``specs`` on one seed: two stacked panels."""
+def plot(runs: list[tuple[str, dict]], path: Path, title: str) -> None:
+    """Loss (smoothed) and step size per step of ``runs`` (spec, cached run; at least one, all of
+    one task and seed): two stacked panels."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax_loss, ax_eta) = plt.subplots(2, 1, figsize=(9, 8), sharex=True)
-    window = 1
-    for spec in specs:
-        run = cache.get((spec, seed))
-        if run is None:
-            continue
+    window = max(1, min(20, len(runs[0][1]["curve"]) // 10))  # the runs of a task share their step count
+    for spec, run in runs:
         curve = run["curve"]
-        window = max(1, min(20, len(curve) // 10))
         smooth = [sum(curve[max(0, i - window + 1):i + 1]) / len(curve[max(0, i - window + 1):i + 1])
                   for i in range(len(curve))]
         style = dict(lw=1.8 if "adaptive" in spec else 1.0, ls="-" if spec.startswith("Emo") else "--")
