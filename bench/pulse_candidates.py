@@ -313,6 +313,47 @@ def raw_cosine(base: type, target: float, normalize: bool) -> type:
     return type("AdaptiveCandidate", (base,), {"_growth": _growth}, register=False)
 
 
+def polyak_variant(coef: float, target: float, beta: float = 0.9, kinds: str = "sign") -> type:
+    """The library's adaptive pulse with a stochastic Polyak bound on the step of sign rules:
+    ``eta <= coef * ema(f) / ema(|g|_1)`` (SPS with ``f* = 0``: a sign step changes the loss by
+    ``-eta * |g|_1`` to first order). ``|g|_1`` is estimated on the probe's strided subset
+    (each parameter's subset sum times ``numel / subset``). ``target`` is the sign kind's cosine
+    target (the library's +0.01, or -0.01: grow by default and let the bound hold the step)."""
+    from emoq.pulse import EmoPulseAdaptive
+    from emoq.probe import STRIDE, distance_probe
+
+    class PolyakCandidate(EmoPulseAdaptive, register=False):
+        # the sign kinds' target; the bound below is the candidate's own (not the library's POLYAK)
+        TARGET = {**EmoPulseAdaptive.TARGET, "sign": target, "lion": target}
+        POLYAK: dict = {}
+
+        def measure(self, params: list, state: dict) -> tuple[float, ...]:
+            l1 = 0.0
+            for p in params:
+                if p.grad is not None:
+                    sub = p.grad.detach().reshape(-1)[::STRIDE]
+                    l1 += float(sub.double().abs().sum()) * p.numel() / max(sub.numel(), 1)
+            self.cand_l1 = l1
+            return distance_probe(params, state)
+
+        def _observe(self, loss: float, probe: Any) -> None:
+            peak = self.log_peak
+            super()._observe(loss, probe)
+            if self.rule_kind not in kinds.split("+") and not (self.rule_kind == "lion" and "sign" in kinds):
+                return
+            l1 = getattr(self, "cand_l1", 0.0)
+            f_ema = getattr(self, "cand_f", None)
+            self.cand_f = loss if f_ema is None else beta * f_ema + (1 - beta) * loss
+            self.cand_g = l1 if f_ema is None else beta * self.cand_g + (1 - beta) * l1
+            if self.cand_g > 0:
+                cap = coef * max(self.cand_f, 0.0) / self.cand_g / self.scope
+                floor = math.log(1e-8) - math.log(self.scope)
+                self.log_eta = max(floor, min(self.log_eta, math.log(cap) if cap > 0 else floor))
+                self.log_peak = max(peak, self.log_eta)
+
+    return PolyakCandidate
+
+
 def install(opt: Any, spec: str) -> None:
     """Replace ``opt``'s pulse by the candidate ``spec`` = ``name[,key=value...]``."""
     name, *pairs = spec.split(",")
@@ -324,6 +365,11 @@ def install(opt: Any, spec: str) -> None:
         cls = adaptive_variant(**{k: v for k, v in kw.items() if k not in ("normalize", "target")})
         cls = raw_cosine(cls, kw.get("target", 0.0), bool(kw["normalize"]))
         opt._pulse = cls(opt._pulse.initial_scope, opt.noise_floor, opt.stop_thresholds)
+        return
+    if name == "polyak":  # the library's adaptive pulse plus a Polyak bound for sign rules
+        cls = polyak_variant(kw.get("c", 0.1), kw.get("target", 0.01), kw.get("beta", 0.9),
+                             "sign+adam" if kw.get("adam", 0.0) else "sign")
+        opt._pulse = cls(opt._pulse.initial_scope, opt.noise_floor, opt.stop_thresholds, rule_kind=opt.rule_kind)
         return
     if "stride" in kw:
         kw["stride"] = int(kw["stride"])

@@ -1,13 +1,12 @@
 """The tensor statistics the adaptive pulse needs, measured on a fixed strided subset of coordinates.
 
 ``pulse="adaptive"`` asks one question per step: does the gradient still point along the way the
-weights have travelled since the start (``cos(g, x0 - x)``)? Answering it needs the starting
-point ``x0``. Storing it whole would cost 4 B/param — more than EmoCats8bit's whole state — so the
+weights have travelled since the start (``cos(g, x0 - x)``)? Answering it needs the starting point
+``x0``. Storing it whole would cost 4 B/param — more than EmoCats8bit's whole state — so the
 probe keeps every ``STRIDE``-th coordinate of each parameter (``state[p]["pulse_x0"]``, fp32,
-4/61 = 0.066 B/param) and estimates the three sums of the cosine on that subset, in one pass,
-with one device sync and, under ``torch.distributed``, one all-reduce of three scalars (a sum:
-partial sums of FSDP shards add up; DDP replicas scale all three alike, which the cosine
-cancels).
+4/61 = 0.066 B/param) and estimates the three sums of the cosine on that subset; with them, the
+gradient's L1 norm (the Polyak bound of Lion-type steps, ``loss / |g|_1``). One pass, one
+device sync and, under ``torch.distributed``, one all-reduce of four scalars.
 """
 
 from __future__ import annotations
@@ -42,30 +41,47 @@ def check_probe_state(value: Any, p: Tensor) -> str | None:
     return None
 
 
-def distance_probe(params: list[Tensor], state: dict[Tensor, dict[str, Any]]) -> tuple[float, float, float]:
-    """``(<g, x0 - x>, |g|^2, |x0 - x|^2)`` over the subset of ``params`` (those with a gradient).
+def distance_probe(params: list[Tensor], state: dict[Tensor, dict[str, Any]]) -> tuple[float, float, float, float]:
+    """``(<g, x0 - x>, |g|^2, |x0 - x|^2, |g|_1)``: the first three over the subset of ``params``
+    (those with a gradient), the last an estimate of the whole gradient's L1 norm (each
+    parameter's subset sum of ``|g|`` times ``numel / subset``).
 
-    A parameter seen for the first time gets ``x0`` = its current value (so it contributes 0 this
-    step). Sums in float64 (no overflow for any finite fp32 values). Empty input: zeros.
+    A parameter seen for the first time gets ``x0`` = its current value (so it adds 0 to the
+    first three sums this step; its gradient counts in ``|g|_1``). Sums in float64 (no overflow
+    for any finite fp32 values). Empty input: zeros. Under ``torch.distributed`` the four are
+    summed over ranks and ``|g|_1`` divided by the world size: DDP replicas hold the same
+    averaged gradient, so the L1 norm is each one's (the cosine of the first three needs no
+    division).
     """
-    grads, diffs = [], []
+    grads, diffs, l1 = [], [], []
     for p in params:
         st = state[p]
+        g = _subset(p.grad).double() if p.grad is not None else None
+        if g is not None:
+            l1.append(g.abs().sum() * (p.numel() / max(g.numel(), 1)))
         x = _subset(p).double()
         x0 = st.get(STATE_NAME)
         if x0 is None or x0.shape != x.shape or x0.device != x.device:
             st[STATE_NAME] = x.float()
             continue
-        grads.append(_subset(p.grad).double())
+        if g is None:
+            raise ValueError("distance_probe: a parameter without a gradient (pass those with one)")
+        grads.append(g)
         diffs.append(x0.double() - x)
+    device = params[0].device if params else torch.device("cpu")
     if grads:
         g, d = torch.cat(grads), torch.cat(diffs)
-        sums = torch.stack([torch.dot(g, d), torch.dot(g, g), torch.dot(d, d)])
+        sums = torch.stack([torch.dot(g, d), torch.dot(g, g), torch.dot(d, d), torch.stack(l1).sum()])
+    elif l1:
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        sums = torch.stack([zero, zero, zero, torch.stack(l1).sum()])
     else:
-        sums = torch.zeros(3, dtype=torch.float64, device=params[0].device if params else "cpu")
+        sums = torch.zeros(4, dtype=torch.float64, device=device)
+    world = 1
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         if dist.get_backend() == "nccl" and sums.device.type != "cuda":
             sums = sums.cuda()
         dist.all_reduce(sums)
-    gx, gg, xx = sums.tolist()
-    return gx, gg, xx
+        world = dist.get_world_size()
+    gx, gg, xx, g1 = sums.tolist()
+    return gx, gg, xx, g1 / world

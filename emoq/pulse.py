@@ -25,9 +25,10 @@ ETA_MIN = 1e-6
 ETA_MAX = 3e-3
 #: what the optimizer's step does per coordinate, which only ``pulse="adaptive"`` reads:
 #: ``"adam"`` a scaled step ``eta * m / sqrt(v)`` (EmoSens, and the default for other optimizers
-#: under :class:`~emoq.EmoPulseScheduler`), ``"sign"`` a step of ``+-eta`` per coordinate
-#: (EmoAiry, EmoCats, EmoTion)
-RULE_KINDS = ("adam", "sign")
+#: under :class:`~emoq.EmoPulseScheduler`), ``"sign"`` a step of ``+-eta`` per coordinate in the
+#: direction of the gradient or of a rank-1 blend (EmoAiry, EmoTion), ``"lion"`` a step of
+#: ``+-eta`` per coordinate in the direction of a momentum blend (EmoCats, Lion)
+RULE_KINDS = ("adam", "sign", "lion")
 
 
 def _check_pulse_type(pulse: Any) -> None:
@@ -133,6 +134,7 @@ class EmoPulse:
         loss = float(loss)
         if not math.isfinite(loss):
             raise ValueError(f"emoPulse received a non-finite loss ({loss}); it must be filtered out before")
+        self.check_loss(loss)
         self._observe(loss, probe)
         eta = self._step_size()
         self.should_stop = self._stop_signal()
@@ -183,6 +185,11 @@ class EmoPulse:
         self.scalar, self.trust, self.bm, self.n, self.dd = scalar, trust, bm, n, dd
 
     # ------------------------------------------------------------------ what a variant changes
+    def check_loss(self, loss: float) -> None:
+        """Raise ``ValueError`` for a finite loss this variant cannot use (called by :meth:`update`,
+        and by the optimizer and the scheduler before they measure or change anything). v3.8 and
+        v3.9 take any finite loss."""
+
     def measure(self, params: list[Any], state: dict[Any, dict[str, Any]]) -> tuple[float, ...] | None:
         """The tensor statistics this variant needs for the next :meth:`update` (``probe=``),
         measured by the caller (optimizer or scheduler) on ``params`` — the parameters that have
@@ -341,10 +348,15 @@ class EmoPulseAdaptive(EmoPulse):
     step by::
 
         c      = cos(g, x0 - x)                   # on a fixed 1/61 subset of coordinates (emoq/probe.py)
-        growth = GAIN * (c - TARGET[rule_kind])   # TARGET: "adam" -0.01, "sign" +0.01
+        growth = GAIN * (c - TARGET[rule_kind])   # TARGET: "adam" -0.01, "sign" +0.01, "lion" -0.01
         rise   = max(0, (s - m) / |m|)            # fast loss EMA above the medium one (SPEC step 1)
         log_eta += clamp(growth - BACKOFF * min(rise, 1), -MAX_CHANGE, MAX_CHANGE)
         eta    = max(min(scope * exp(log_eta), scope * ETA_MAX), 1e-8)
+
+    and, for the kinds in ``POLYAK`` ("lion": 0.2), never above a stochastic Polyak step::
+
+        F, L   = ema_0.9(loss), ema_0.9(|g|_1)    # |g|_1 estimated on the probe's subset
+        eta   <= scope * POLYAK[rule_kind] * F / L
 
     - While the gradient still points along the way the weights travelled from the start (the
       signal D-Adaptation and Prodigy accumulate), the steps are too small: eta grows. Once the
@@ -354,31 +366,42 @@ class EmoPulseAdaptive(EmoPulse):
       own). Adam-type steps (EmoSens, ``m/sqrt(v)``: small where the gradient is noisy) grow
       unless ``c`` is clearly negative (target -0.01): in high dimension ``c`` is small, and
       waiting for it to be positive kept EmoSens at a third of its best scale on a noisy task.
-      Sign steps (EmoAiry, EmoCats, EmoTion: ``+-eta`` on every coordinate, however small its
-      gradient) overshoot long before ``c`` turns negative; they grow only while ``c`` exceeds
-      +0.01. Both chosen by measurement (bench/README.md "Pulse study", docs/decisions.md).
+      Sign steps of the gradient (EmoAiry, EmoTion: ``+-eta`` on every coordinate, however small
+      its gradient) overshoot long before ``c`` turns negative; they grow only while ``c`` exceeds
+      +0.01. Sign steps of a momentum blend (EmoCats, Lion) grow like Adam steps, held by the
+      Polyak bound: a step of ``+-eta`` lowers the loss by about ``eta * |g|_1``, so
+      ``F / L`` is the step that would take it to 0 (its lower bound for a cross-entropy), and
+      they take a fifth of it. The bound anneals them where the loss falls toward 0 (a task the
+      model can fit) and holds them up where it stays high. Every constant chosen by
+      measurement (bench/README.md "Pulse study", docs/decisions.md).
     - A loss that rises above its recent level pulls eta down (up to ``e**-MAX_CHANGE`` per
       step): the fast reaction to spikes, and what bounds the Adam kind's growth.
-    eta never anneals below ``STOP_RATIO`` (1/100) of the largest value it reached; the stop
-    signal (advice, the scope is untouched) holds while it sits at that floor. Core steps 1-6
-    run as in v3.8 (the shadow reads ``scalar`` and ``trust``). The rule kind is configuration
-    (:class:`~emoq.EmoPulseScheduler` takes ``rule_kind=``), not state: a checkpoint does not
-    record it.
+    eta never anneals below ``STOP_RATIO`` (1/100) of the largest value it reached, except where
+    the Polyak bound is lower; the stop signal (advice, the scope is untouched) holds while it
+    sits at or under that floor. Core steps 1-6 run as in v3.8 (the shadow reads ``scalar`` and
+    ``trust``). The rule kind is configuration (:class:`~emoq.EmoPulseScheduler` takes
+    ``rule_kind=``), not state: a checkpoint does not record it.
 
     Needs ``probe`` with every loss (``measure``): Emo optimizers and
     :class:`~emoq.EmoPulseScheduler` measure it; ``update(loss)`` alone raises ``ValueError``.
-    Trap: ``rise`` is relative to the loss level, so a loss with a large constant offset reacts
-    less to its noise, and a loss near zero more (on digits eta anneals once the training loss
-    is ~1e-3). Design and measurements: docs/pulse.md, docs/decisions.md, bench/README.md.
+    A kind with the Polyak bound needs a loss >= 0 (``ValueError`` otherwise, before anything
+    changes). Traps: ``rise`` is relative to the loss level, so a loss with a large constant
+    offset reacts less to its noise, and a loss near zero more (on digits eta anneals once the
+    training loss is ~1e-3); the Polyak bound takes 0 as the loss's lower bound, so an offset
+    loosens it. Design and measurements: docs/pulse.md, docs/decisions.md, bench/README.md.
     """
 
     name = "adaptive"
     needs_probe = True
-    _FIELDS = ("log_eta", "log_peak", "cos")
-    _OPTIONAL = EmoPulse._OPTIONAL + ("cos",)
-    ETA0: ClassVar[dict[str, float]] = {"adam": 1e-3, "sign": 1e-4}
+    _FIELDS = ("log_eta", "log_peak", "cos", "avg_loss", "avg_l1")
+    _OPTIONAL = EmoPulse._OPTIONAL + ("cos", "avg_loss", "avg_l1")
+    #: fields a checkpoint from before they existed may lack: they restart (the bound's averages)
+    _ADDED = ("avg_loss", "avg_l1")
+    ETA0: ClassVar[dict[str, float]] = {"adam": 1e-3, "sign": 1e-4, "lion": 1e-4}
     GAIN = 1.0
-    TARGET: ClassVar[dict[str, float]] = {"adam": -0.01, "sign": 0.01}
+    TARGET: ClassVar[dict[str, float]] = {"adam": -0.01, "sign": 0.01, "lion": -0.01}
+    POLYAK: ClassVar[dict[str, float]] = {"lion": 0.2}
+    AVERAGE = 0.9
     BACKOFF = 3.0
     MAX_CHANGE = 0.3
     ETA_MAX = 0.1
@@ -389,22 +412,37 @@ class EmoPulseAdaptive(EmoPulse):
         self.log_eta = math.log(self.ETA0[self.rule_kind])
         self.log_peak = self.log_eta
         self.cos: float | None = None
+        self.avg_loss: float | None = None
+        self.avg_l1: float | None = None
 
-    def measure(self, params: list[Any], state: dict[Any, dict[str, Any]]) -> tuple[float, float, float]:
+    def measure(self, params: list[Any], state: dict[Any, dict[str, Any]]) -> tuple[float, float, float, float]:
         from emoq.probe import distance_probe
 
         return distance_probe(params, state)
+
+    def check_loss(self, loss: float) -> None:
+        if loss < 0 and self.rule_kind in self.POLYAK:
+            raise ValueError(f"pulse='adaptive' bounds a {self.rule_kind!r} step by a Polyak step, loss / |g|_1, "
+                             f"which takes 0 as the loss's lower bound: the loss must be >= 0, got {loss!r} (add "
+                             "the loss's lower bound to it, or use pulse='v3.8' or 'v3.9')")
+
+    def check_state_dict(self, state: Any) -> dict[str, Any]:
+        if isinstance(state, dict) and any(name not in state for name in self._ADDED):
+            state = {**{name: None for name in self._ADDED}, **state}  # saved before the Polyak bound
+        return super().check_state_dict(state)
 
     def _growth(self, cos: float) -> float:
         """The change of ``log eta`` this step's cosine asks for (before the back-off and clamp)."""
         return self.GAIN * (cos - self.TARGET[self.rule_kind])
 
     def _observe(self, loss: float, probe: tuple[float, ...] | None) -> None:
-        if probe is None or len(probe) != 3 or not all(map(math.isfinite, probe)):
-            raise ValueError("pulse='adaptive' needs its probe (<g, x0 - x>, |g|^2, |x0 - x|^2) with every loss: "
-                             "use it through an Emo optimizer or EmoPulseScheduler, or pass probe=pulse.measure(...)")
+        if (probe is None or len(probe) != 4 or not all(map(math.isfinite, probe))
+                or min(probe[1], probe[2], probe[3]) < 0):
+            raise ValueError("pulse='adaptive' needs its probe (<g, x0 - x>, |g|^2 >= 0, |x0 - x|^2 >= 0, |g|_1 >= 0), "
+                             "finite, with every loss: use it through an Emo optimizer or EmoPulseScheduler, or pass "
+                             "probe=pulse.measure(...)")
         super()._observe(loss, probe)
-        gx, gg, xx = probe
+        gx, gg, xx, l1 = probe
         norms = math.sqrt(gg) * math.sqrt(xx)  # two roots: no overflow or underflow of gg * xx
         self.cos = max(-1.0, min(1.0, gx / norms)) if norms > 0 else None
         # loss rising above its recent level (fast EMA over the medium one), relative
@@ -412,13 +450,26 @@ class EmoPulseAdaptive(EmoPulse):
         change = -self.BACKOFF * min(rise, 1.0)
         if self.cos is not None:
             change += self._growth(self.cos)
+        peak = self.log_peak
         self.log_eta += max(-self.MAX_CHANGE, min(self.MAX_CHANGE, change))
         # bounds in log space too, so it can never run away: at most ETA_MAX, at least
         # STOP_RATIO of the peak reached so far (annealed, not stopped), never below 1e-8
         ceiling = math.log(self.ETA_MAX)
-        floor = min(ceiling, max(math.log(1e-8) - math.log(self.scope), self.log_peak + math.log(self.STOP_RATIO)))
+        lowest = math.log(1e-8) - math.log(self.scope)
+        floor = min(ceiling, max(lowest, self.log_peak + math.log(self.STOP_RATIO)))
         self.log_eta = max(floor, min(ceiling, self.log_eta))
         self.log_peak = max(self.log_peak, self.log_eta)
+        coef = self.POLYAK.get(self.rule_kind)
+        if coef is not None:
+            first = self.avg_loss is None or self.avg_l1 is None
+            w = self.AVERAGE
+            self.avg_loss = loss if first else w * self.avg_loss + (1 - w) * loss
+            self.avg_l1 = l1 if first else w * self.avg_l1 + (1 - w) * l1
+            if self.avg_l1 > 0:  # no gradient yet: no bound
+                bound = coef * self.avg_loss / self.avg_l1
+                # at most the bound (which may lie under the 1/100-of-peak floor), never below 1e-8
+                self.log_eta = max(lowest, min(self.log_eta, math.log(bound) if bound > 0 else lowest))
+                self.log_peak = max(peak, self.log_eta)
 
     def _step_size(self) -> float:
         # as v3.9: min with the upper bound first, then the 1e-8 floor (which wins for a scope < 1e-7)

@@ -33,8 +33,9 @@ class EmoPulseScheduler:
         noise_floor, stop_thresholds: as in :class:`~emoq.EmoPulse` (EmoSens defaults).
         pulse: the variant, ``"v3.8"`` (default), ``"v3.9"`` or ``"adaptive"``.
         rule_kind: the kind of step ``optimizer`` takes, which ``pulse="adaptive"`` reads:
-            ``"adam"`` (default: AdamW, Adafactor, SGD, ... a step scaled by the gradient) or
-            ``"sign"`` (Lion, signSGD: +-lr on every coordinate). See :class:`~emoq.pulse.EmoPulseAdaptive`.
+            ``"adam"`` (default: AdamW, Adafactor, SGD, ... a step scaled by the gradient),
+            ``"sign"`` (signSGD: +-lr on every coordinate along the gradient) or ``"lion"`` (Lion:
+            +-lr along a momentum blend; needs a loss >= 0). See :class:`~emoq.pulse.EmoPulseAdaptive`.
     """
 
     def __init__(self, optimizer: Optimizer, scope: float = 1.0, noise_floor: float = 1e-10,
@@ -66,6 +67,7 @@ class EmoPulseScheduler:
                 warnings.warn("EmoPulseScheduler: non-finite loss, lr and pulse left unchanged (warned once)",
                               RuntimeWarning, stacklevel=2)
             return None
+        self.pulse.check_loss(value)  # before the probe records anything
         eta = self.pulse.update(value, self.pulse.measure(self._params_with_grad(), self._probe_state))
         for group in self.optimizer.param_groups:
             group["lr"] = eta

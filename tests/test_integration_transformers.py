@@ -124,7 +124,7 @@ def test_scope_problem_states_the_scale_for_every_variant(pulse):
     assert "up to 2e+04 times smaller" in message and "lr is the emoPulse scope" in message
     # the claim holds for every variant: at lr=5e-5 each step size is at most 5e-5 times the lr=1.0 one
     small, unit = emoq.EmoPulse(5e-5, pulse=pulse), emoq.EmoPulse(1.0, pulse=pulse)
-    probe = (0.0, 1.0, 1.0)
+    probe = (0.0, 1.0, 1.0, 1.0)
     for loss in (3.0, 2.5, 2.4, 2.6, 2.0):
         assert small.update(loss, probe) <= unit.update(loss, probe)
 

@@ -32,7 +32,7 @@ def test_probe_sums_on_the_strided_subset():
     torch.manual_seed(0)
     ps = [torch.nn.Parameter(torch.randn(*s)) for s in [(130, 7), (61,), (3,), (200,)]]
     state = {p: {} for p in ps}
-    assert distance_probe(ps, state) == (0.0, 0.0, 0.0)  # first sight: x0 recorded, nothing measured
+    assert distance_probe(ps, state)[:3] == (0.0, 0.0, 0.0)  # first sight: x0 recorded, nothing measured
     x0 = [p.detach().clone() for p in ps]
     for p in ps:
         assert state[p][STATE_NAME].shape == (math.ceil(p.numel() / STRIDE),)
@@ -42,8 +42,11 @@ def test_probe_sums_on_the_strided_subset():
     got = distance_probe(ps, state)
     sub = [(p.grad.reshape(-1)[::STRIDE].double(), (x.reshape(-1) - p.detach().reshape(-1))[::STRIDE].double())
            for p, x in zip(ps, x0)]
-    want = (sum(float(g @ d) for g, d in sub), sum(float(g @ g) for g, _ in sub), sum(float(d @ d) for _, d in sub))
+    want = (sum(float(g @ d) for g, d in sub), sum(float(g @ g) for g, _ in sub), sum(float(d @ d) for _, d in sub),
+            sum(float(g.abs().sum()) * p.numel() / len(g) for (g, _), p in zip(sub, ps)))
     assert got == pytest.approx(want, rel=1e-6)
+    # the L1 estimate is the whole gradient's within sampling error (here 4 % of 1370 values)
+    assert got[3] == pytest.approx(sum(float(p.grad.abs().sum()) for p in ps), rel=0.2)
 
 
 def test_probe_memory_is_a_sixty_first(batch):
@@ -57,7 +60,7 @@ def test_probe_memory_is_a_sixty_first(batch):
 
 
 # ---------------------------------------------------------------- the controller
-probes = st.tuples(st.floats(-1e30, 1e30), st.floats(0, 1e30), st.floats(0, 1e30))
+probes = st.tuples(st.floats(-1e30, 1e30), st.floats(0, 1e30), st.floats(0, 1e30), st.floats(0, 1e30))
 
 
 @pytest.mark.parametrize("kind", RULE_KINDS)
@@ -68,34 +71,38 @@ def test_eta_is_finite_bounded_and_moves_at_most_max_change(kind, seq, scope):
     pulse = A(scope, rule_kind=kind)
     last = None
     for loss, probe in seq:
-        eta = pulse.update(loss, probe)
+        eta = pulse.update(abs(loss) if kind in A.POLYAK else loss, probe)  # the bound needs a loss >= 0
         assert math.isfinite(eta) and 1e-8 <= eta <= scope * A.ETA_MAX
         if last is not None and 1e-8 < eta < scope * A.ETA_MAX and 1e-8 < last < scope * A.ETA_MAX:
-            assert abs(math.log(eta / last)) <= A.MAX_CHANGE + 1e-12
+            assert math.log(eta / last) <= A.MAX_CHANGE + 1e-12  # the Polyak bound may only cut deeper
+            if kind not in A.POLYAK:
+                assert abs(math.log(eta / last)) <= A.MAX_CHANGE + 1e-12
         last = eta
 
 
 def test_grows_while_the_gradient_follows_the_travel_and_shrinks_after():
     pulse = A(2.0)  # rule_kind "adam"
-    eta0 = pulse.update(1.0, (0.0, 0.0, 0.0))  # no cosine yet (|x0 - x| = 0): no growth
+    eta0 = pulse.update(1.0, (0.0, 0.0, 0.0, 0.0))  # no cosine yet (|x0 - x| = 0): no growth
     assert eta0 == pytest.approx(2.0 * A.ETA0["adam"])
-    etas = [pulse.update(1.0, (0.05, 1.0, 1.0)) for _ in range(10)]  # cos = 0.05
+    etas = [pulse.update(1.0, (0.05, 1.0, 1.0, 1.0)) for _ in range(10)]  # cos = 0.05
     step = A.GAIN * (0.05 - A.TARGET["adam"])
     assert all(math.log(b / a) == pytest.approx(step) for a, b in zip([eta0, *etas], etas))
     high = etas[-1]
-    etas = [pulse.update(1.0, (-0.5, 1.0, 1.0)) for _ in range(30)]  # overshoot: shrinks at once, clamped
+    etas = [pulse.update(1.0, (-0.5, 1.0, 1.0, 1.0)) for _ in range(30)]  # overshoot: shrinks at once, clamped
     assert all(math.log(b / a) == pytest.approx(-A.MAX_CHANGE) for a, b in zip([high, *etas], etas[:5]))
     for _ in range(2000):
-        eta = pulse.update(1.0, (1.0, 1.0, 1.0))
+        eta = pulse.update(1.0, (1.0, 1.0, 1.0, 1.0))
     assert eta == 2.0 * A.ETA_MAX and not math.isinf(pulse.log_eta)
 
 
-def reference_controller(kind, losses_and_cosines, scope=1.0):
-    """eta of either kind, written out plainly from the docstring (loss EMAs of SPEC step 1)."""
-    target, start = {"adam": (-0.01, 1e-3), "sign": (0.01, 1e-4)}[kind]
-    s = m = None
+def reference_controller(kind, steps, scope=1.0):
+    """eta of any kind, written out plainly from the docstring (loss EMAs of SPEC step 1);
+    ``steps`` = (loss, cosine, |g|_1) per step."""
+    target, start = {"adam": (-0.01, 1e-3), "sign": (0.01, 1e-4), "lion": (-0.01, 1e-4)}[kind]
+    coef = {"lion": 0.2}.get(kind)  # the Polyak bound's share
+    s = m = f = l = None
     log_eta, log_peak, out = math.log(start), math.log(start), []
-    for loss, cos in losses_and_cosines:
+    for loss, cos, l1 in steps:
         s, m = (loss, loss) if s is None else (s, m)
         s, m = 0.3 * loss + 0.7 * s, 0.05 * loss + 0.95 * m
         rise = max(0.0, (s - m) / max(abs(m), 1e-12))
@@ -103,6 +110,10 @@ def reference_controller(kind, losses_and_cosines, scope=1.0):
         log_eta += max(-0.3, min(0.3, change))
         floor = max(math.log(1e-8 / scope), log_peak + math.log(0.01))
         log_eta = max(floor, min(math.log(0.1), log_eta))
+        if coef is not None:
+            f, l = (loss, l1) if f is None else (0.9 * f + 0.1 * loss, 0.9 * l + 0.1 * l1)
+            if l > 0:
+                log_eta = max(math.log(1e-8 / scope), min(log_eta, math.log(coef * f / l)))
         log_peak = max(log_peak, log_eta)
         out.append(scope * math.exp(log_eta))
     return out
@@ -112,26 +123,84 @@ def reference_controller(kind, losses_and_cosines, scope=1.0):
 def test_each_kind_against_its_plain_reference(kind):
     cosines = [0.05] * 20 + [0.005] * 20 + [-0.005] * 20 + [0.2] * 5 + [-0.3] * 200
     losses = [1.0 + 0.01 * math.sin(i) for i in range(len(cosines))]
+    l1 = [4000.0] * 30 + [40.0] * (len(cosines) - 30)  # Polyak bound 0.2 * F / L: 5e-5, then ~5e-3
     pulse = A(0.5, rule_kind=kind)
-    got = [pulse.update(x, (c, 1.0, 1.0)) for x, c in zip(losses, cosines)]
-    assert got == pytest.approx(reference_controller(kind, zip(losses, cosines), 0.5), rel=1e-12)
+    got = [pulse.update(x, (c, 1.0, 1.0, n)) for x, c, n in zip(losses, cosines, l1)]
+    assert got == pytest.approx(reference_controller(kind, zip(losses, cosines, l1), 0.5), rel=1e-12)
+    if kind == "lion":  # held at the bound (scope * 0.2 * F / L), then free to grow under the looser one
+        assert got[19] < got[0] and got[29] == pytest.approx(0.5 * 0.2 * 1.0 / 4000, rel=0.05)
+        assert got[59] > got[29] and got[59] < 0.5 * 0.2 * 1.0 / 40
+        assert pulse.avg_l1 == pytest.approx(40.0) and pulse.avg_loss == pytest.approx(1.0, abs=0.02)
+        return
     assert got[19] > got[0]  # a clearly positive cosine: both grow
     if kind == "sign":  # a small positive or negative one: sign steps shrink, Adam steps (target -0.01) grow
         assert got[39] < got[19] and got[59] < got[39]
     else:
         assert got[39] > got[19] and got[59] > got[39]
     assert pulse.should_stop  # annealed to 1/100 of its peak
+    assert pulse.avg_loss is None and pulse.avg_l1 is None  # no bound for this kind
+
+
+@pytest.mark.parametrize("scope", [1.0, 3.0])
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.one_of(st.floats(0, 1e6), st.just(0.0), st.floats(0, 1e-30)), probes),
+                min_size=1, max_size=60))
+def test_lion_steps_stay_under_the_polyak_bound(scope, seq):
+    pulse = A(scope, rule_kind="lion")
+    for loss, probe in seq:
+        eta = pulse.update(loss, probe)
+        assert math.isfinite(eta) and 1e-8 <= eta <= scope * A.ETA_MAX
+        if pulse.avg_l1 > 0:
+            assert eta <= max(scope * A.POLYAK["lion"] * pulse.avg_loss / pulse.avg_l1, 1e-8) * (1 + 1e-9)
+
+
+def test_a_negative_loss_is_refused_where_the_polyak_bound_needs_it(batch):
+    pulse = A(rule_kind="lion")
+    pulse.update(1.0, (0.0, 1.0, 1.0, 1.0))
+    before = pulse.state_dict()
+    with pytest.raises(ValueError, match="loss must be >= 0"):
+        pulse.update(-0.5, (0.0, 1.0, 1.0, 1.0))
+    assert pulse.state_dict() == before
+    for kind in ("adam", "sign"):  # no bound, any finite loss
+        A(rule_kind=kind).update(-0.5, (0.0, 1.0, 1.0, 1.0))
+    # through the optimizer and the scheduler: refused before the probe records anything
+    net = make_net()
+    opt = emoq.EmoCats(net.parameters(), pulse="adaptive")
+    x, y = batch
+    F.cross_entropy(net(x), y).backward()
+    with pytest.raises(ValueError, match="loss must be >= 0"):
+        opt.step(loss=-1.0)
+    assert not opt.state and opt.emo_pulse.steps == 0 and all(torch.equal(a, b) for a, b in
+                                                               zip(params_of(net), params_of(make_net())))
+    sgd = torch.optim.SGD(net.parameters(), lr=0.1)
+    sched = emoq.EmoPulseScheduler(sgd, pulse="adaptive", rule_kind="lion")
+    with pytest.raises(ValueError, match="loss must be >= 0"):
+        sched.step(-1.0)
+    assert sched.state_dict()["probe"] == {} and sched.pulse.steps == 0 and sgd.param_groups[0]["lr"] == 0.1
+
+
+def test_a_checkpoint_from_before_the_polyak_bound_resumes():
+    pulse = A(rule_kind="lion")
+    for i in range(5):
+        pulse.update(1.0 + 0.1 * i, (0.01, 1.0, 1.0, 30.0))
+    old = {k: v for k, v in pulse.state_dict().items() if k not in ("avg_loss", "avg_l1")}
+    resumed = A(rule_kind="lion")
+    resumed.load_state_dict(old)
+    assert resumed.avg_loss is None and resumed.log_eta == pulse.log_eta
+    resumed.update(1.0, (0.01, 1.0, 1.0, 30.0))  # the averages restart from this step
+    assert resumed.avg_loss == 1.0 and resumed.avg_l1 == 30.0
 
 
 def test_each_family_passes_its_rule_kind_and_the_scheduler_takes_one():
     p = [torch.nn.Parameter(torch.zeros(3))]
     kinds = {cls.__name__: cls(p, pulse="adaptive").emo_pulse.rule_kind for cls in FAMILIES}
-    assert kinds == {"EmoSens": "adam", "EmoAiry": "sign", "EmoCats": "sign", "EmoTion": "sign"}
-    assert emoq.EmoCats8bit(p, pulse="adaptive").emo_pulse.rule_kind == "sign"
+    assert kinds == {"EmoSens": "adam", "EmoAiry": "sign", "EmoCats": "lion", "EmoTion": "sign"}
+    assert emoq.EmoCats8bit(p, pulse="adaptive").emo_pulse.rule_kind == "lion"
     sgd = torch.optim.SGD(p, lr=0.1)
     assert emoq.EmoPulseScheduler(sgd, pulse="adaptive").pulse.rule_kind == "adam"
     assert emoq.EmoPulseScheduler(sgd, pulse="adaptive", rule_kind="sign").pulse.rule_kind == "sign"
-    for bad in ["Sign", "lion", None, 1]:
+    assert emoq.EmoPulseScheduler(sgd, pulse="adaptive", rule_kind="lion").pulse.rule_kind == "lion"
+    for bad in ["Sign", "Lion", "momentum", None, 1]:
         with pytest.raises(ValueError, match="rule_kind must be one of"):
             emoq.EmoPulseScheduler(sgd, pulse="adaptive", rule_kind=bad)
         with pytest.raises(ValueError, match="rule_kind must be one of"):
@@ -142,16 +211,16 @@ def test_each_family_passes_its_rule_kind_and_the_scheduler_takes_one():
 def test_backs_off_when_the_loss_rises():
     pulse = A()
     for _ in range(30):
-        pulse.update(1.0, (1.0, 1.0, 1.0))
+        pulse.update(1.0, (1.0, 1.0, 1.0, 1.0))
     before = pulse.eta
-    eta = pulse.update(3.0, (1.0, 1.0, 1.0))  # a spike: fast EMA 1.6 over medium 1.1
+    eta = pulse.update(3.0, (1.0, 1.0, 1.0, 1.0))  # a spike: fast EMA 1.6 over medium 1.1
     assert math.log(eta / before) == pytest.approx(-A.MAX_CHANGE)
 
 
 # the pulse's inputs at their extremes: huge, tiny, zero, negative and constant losses, any finite probe
 extreme_losses = st.one_of(st.floats(min_value=-1e300, max_value=1e300), st.floats(min_value=1e-300, max_value=1e-30),
                            st.just(0.0), st.floats(min_value=0.0, max_value=10.0))
-finite_probes = st.tuples(st.floats(-1e300, 1e300), st.floats(0, 1e300), st.floats(0, 1e300))
+finite_probes = st.tuples(st.floats(-1e300, 1e300), st.floats(0, 1e300), st.floats(0, 1e300), st.floats(0, 1e300))
 BOUNDS = {"v3.8": lambda scope: (1e-6, 3e-3), "v3.9": lambda scope: (1e-8, max(3e-3 * scope, 1e-8)),
           "adaptive": lambda scope: (1e-8, max(A.ETA_MAX * scope, 1e-8))}
 
@@ -173,14 +242,15 @@ def test_every_variant_keeps_eta_finite_and_in_its_bounds(name, seq, scope):
 def test_stop_signal_when_annealed():
     pulse = A()
     for _ in range(20):
-        pulse.update(1.0, (1.0, 1.0, 1.0))
+        pulse.update(1.0, (1.0, 1.0, 1.0, 1.0))
     assert not pulse.should_stop
     while not pulse.should_stop:
-        pulse.update(1.0, (-1.0, 1.0, 1.0))
+        pulse.update(1.0, (-1.0, 1.0, 1.0, 1.0))
     assert pulse.eta <= math.exp(pulse.log_peak) * A.STOP_RATIO * (1 + 1e-9)
 
 
-@pytest.mark.parametrize("probe", [None, (1.0, 2.0), (float("nan"), 1.0, 1.0), (0.0, float("inf"), 1.0)])
+@pytest.mark.parametrize("probe", [None, (1.0, 2.0), (1.0, 1.0, 1.0), (float("nan"), 1.0, 1.0, 1.0), (0.0, float("inf"), 1.0, 1.0),
+                                   (0.0, 1.0, 1.0, -1.0), (0.0, -1.0, 1.0, 1.0)])
 def test_needs_a_finite_probe(probe):
     pulse = A()
     with pytest.raises(ValueError, match="needs its probe"):
@@ -202,9 +272,8 @@ def test_resumes_bit_exactly(kind, seq, data):
     resumed.load_state_dict(first.state_dict())
     assert [resumed.update(*x) for x in seq[cut:]] == want[cut:]
     assert resumed.state_dict() == full.state_dict()
-    # the kind is configuration, not state: both kinds keep the same fields
-    other = "adam" if kind == "sign" else "sign"
-    assert set(full.state_dict()) == set(A(rule_kind=other).state_dict())
+    # the kind is configuration, not state: every kind keeps the same fields
+    assert all(set(full.state_dict()) == set(A(rule_kind=other).state_dict()) for other in RULE_KINDS)
 
 
 # ---------------------------------------------------------------- through the optimizer
@@ -302,19 +371,22 @@ def _worker(rank, world, port, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        net = _net()
-        ddp = torch.nn.parallel.DistributedDataParallel(net)
-        opt = emoq.EmoSens(ddp.parameters(), pulse="adaptive")
-        pulses = []
-        for step in range(10):
-            x, y = _data(step)
-            x, y = x[rank * 8:rank * 8 + 8], y[rank * 8:rank * 8 + 8]  # each rank half of the batch
-            opt.zero_grad()
-            loss = F.cross_entropy(ddp(x), y)
-            loss.backward()
-            opt.step(loss=loss)
-            pulses.append(opt.pulse)
-        torch.save({"pulses": pulses, "params": params_of(net)}, f"{out_dir}/rank{rank}.pt")
+        out = {}
+        for cls in (emoq.EmoSens, emoq.EmoCats):  # the Adam kind, and the Lion kind with its Polyak bound
+            net = _net()
+            ddp = torch.nn.parallel.DistributedDataParallel(net)
+            opt = cls(ddp.parameters(), pulse="adaptive")
+            pulses = []
+            for step in range(10):
+                x, y = _data(step)
+                x, y = x[rank * 8:rank * 8 + 8], y[rank * 8:rank * 8 + 8]  # each rank half of the batch
+                opt.zero_grad()
+                loss = F.cross_entropy(ddp(x), y)
+                loss.backward()
+                opt.step(loss=loss)
+                pulses.append(opt.pulse)
+            out[cls.__name__] = {"pulses": pulses, "params": params_of(net), "l1": opt.emo_pulse.avg_l1}
+        torch.save(out, f"{out_dir}/rank{rank}.pt")
         dist.barrier()
     finally:
         dist.destroy_process_group()
@@ -322,22 +394,27 @@ def _worker(rank, world, port, out_dir):
 
 @pytest.mark.slow
 def test_two_gloo_ranks_take_the_step_of_the_whole_batch(tmp_path):
-    # DDP averages gradients and emoq the loss, and the probe's all-reduced sums give the same
-    # cosine as one process on the whole batch: both ranks and the single process agree.
+    # DDP averages gradients and emoq the loss; the probe's all-reduced sums give the same cosine
+    # as one process on the whole batch, and its L1 norm (divided by the world size) the same
+    # Polyak bound: both ranks and the single process agree, for the Adam and the Lion kind.
     mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
-    assert r0["pulses"] == r1["pulses"]
-    assert all(torch.equal(a, b) for a, b in zip(r0["params"], r1["params"]))
-    net = _net()
-    opt = emoq.EmoSens(net.parameters(), pulse="adaptive")
-    for step in range(10):
-        x, y = _data(step)
-        opt.zero_grad()
-        loss = F.cross_entropy(net(x), y)
-        loss.backward()
-        opt.step(loss=loss)
-        assert opt.pulse == pytest.approx(r0["pulses"][step], rel=1e-5)
-    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(params_of(net), r0["params"]))
+    for cls in (emoq.EmoSens, emoq.EmoCats):
+        a, b = r0[cls.__name__], r1[cls.__name__]
+        assert a["pulses"] == b["pulses"]
+        assert all(torch.equal(u, v) for u, v in zip(a["params"], b["params"]))
+        net = _net()
+        opt = cls(net.parameters(), pulse="adaptive")
+        for step in range(10):
+            x, y = _data(step)
+            opt.zero_grad()
+            loss = F.cross_entropy(net(x), y)
+            loss.backward()
+            opt.step(loss=loss)
+            assert opt.pulse == pytest.approx(a["pulses"][step], rel=1e-5)
+        assert all(torch.allclose(u, v, rtol=1e-4, atol=1e-6) for u, v in zip(params_of(net), a["params"]))
+        if cls is emoq.EmoCats:  # the bound's L1 average: each replica's, as one process's (2x without the division)
+            assert opt.emo_pulse.avg_l1 > 0 and opt.emo_pulse.avg_l1 == pytest.approx(a["l1"], rel=1e-5)
 
 
 # ---------------------------------------------------------------- hostile checkpoints

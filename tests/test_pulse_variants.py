@@ -82,7 +82,7 @@ def test_v39_optimizer_matches_reference_300_steps(family, batch):
 def test_state_dict_is_flat_plain_scalars_naming_the_variant(name):
     pulse = EmoPulse(pulse=name)
     for x in (3.0, 2.0, 2.5, 1.0):
-        pulse.update(x, (0.5, 1.0, 1.0))  # the probe: the adaptive pulse's statistics, ignored by the others
+        pulse.update(x, (0.5, 1.0, 1.0, 1.0))  # the probe: the adaptive pulse's statistics, ignored by the others
     sd = pulse.state_dict()
     assert sd["pulse"] == name
     assert all(v is None or type(v) in (float, int, bool, str) for v in sd.values()), sd
@@ -95,8 +95,8 @@ def test_loading_another_variant_raises_and_changes_nothing(saved, target):
     if saved == target:
         return
     a, b = EmoPulse(pulse=saved), EmoPulse(pulse=target)
-    a.update(1.0, (0.5, 1.0, 1.0))
-    b.update(2.0, (0.5, 1.0, 1.0))
+    a.update(1.0, (0.5, 1.0, 1.0, 1.0))
+    b.update(2.0, (0.5, 1.0, 1.0, 1.0))
     before = b.state_dict()
     with pytest.raises(ValueError, match=f"{saved!r} pulse state"):
         b.load_state_dict(a.state_dict())
@@ -132,7 +132,7 @@ def test_corrupted_state_raises_and_changes_nothing():
 def test_every_variant_resumes_bit_exactly(name, seq, data):
     cut = data.draw(st.integers(min_value=1, max_value=len(seq) - 1))
     def probe(x):  # the adaptive pulse's statistics (v3.8 and v3.9 ignore them)
-        return (math.sin(x), 1.0 + x, 2.0)
+        return (math.sin(x), 1.0 + x, 2.0, 3.0 + x)
 
     full = EmoPulse(pulse=name)
     want = [full.update(x, probe(x)) for x in seq]

@@ -265,7 +265,8 @@ class EmoOptimizer(Optimizer):
     stop_thresholds: tuple[float, float] = (1e-6, 1e-7)
     noise_floor: float = 1e-10
     #: the kind of step the rule takes (``emoq.pulse.RULE_KINDS``), which the adaptive pulse reads:
-    #: ``"adam"`` a scaled step, ``"sign"`` +-eta per coordinate
+    #: ``"adam"`` a scaled step, ``"sign"`` +-eta per coordinate along the gradient (or a rank-1
+    #: blend), ``"lion"`` +-eta per coordinate along a momentum blend
     rule_kind: str = "adam"
 
     def __init__(
@@ -498,6 +499,8 @@ class EmoOptimizer(Optimizer):
             grads_ok = self._gradient_stats([unit for _, unit in units])
             device = units[0][1].params[0].device if units else None
             loss_value, finite = reduce_loss(loss_value, grads_ok, device)
+            if finite:
+                self._pulse.check_loss(loss_value)  # a loss the pulse refuses: nothing has changed yet
             self.discard_recorded_losses()
             if not finite:
                 self.skipped_steps += 1

@@ -35,7 +35,7 @@ class EmoCats(EmoOptimizer):
 
     stop_thresholds = (5e-6, 5e-7)
     rule = staticmethod(emocats_rule)
-    rule_kind = "sign"
+    rule_kind = "lion"
     elementwise = True
 
     def _state_specs(self, p: Tensor) -> dict[str, StateSpec]:
