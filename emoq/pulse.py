@@ -429,7 +429,11 @@ class EmoPulseAdaptive(EmoPulse):
     def check_state_dict(self, state: Any) -> dict[str, Any]:
         if isinstance(state, dict) and any(name not in state for name in self._ADDED):
             state = {**{name: None for name in self._ADDED}, **state}  # saved before the Polyak bound
-        return super().check_state_dict(state)
+        out = super().check_state_dict(state)
+        for name in self._ADDED:  # averages of a loss >= 0 and of a norm
+            if out[name] is not None and out[name] < 0:
+                raise ValueError(f"EmoPulse state {name!r} must be >= 0 or None, got {out[name]!r}")
+        return out
 
     def _growth(self, cos: float) -> float:
         """The change of ``log eta`` this step's cosine asks for (before the back-off and clamp)."""

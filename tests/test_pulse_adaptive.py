@@ -189,6 +189,10 @@ def test_a_checkpoint_from_before_the_polyak_bound_resumes():
     assert resumed.avg_loss is None and resumed.log_eta == pulse.log_eta
     resumed.update(1.0, (0.01, 1.0, 1.0, 30.0))  # the averages restart from this step
     assert resumed.avg_loss == 1.0 and resumed.avg_l1 == 30.0
+    for bad in ({"avg_l1": -1.0}, {"avg_loss": -0.5}, {"avg_l1": float("nan")}, {"avg_loss": "1.0"}):
+        with pytest.raises(ValueError, match="avg_"):
+            resumed.load_state_dict({**pulse.state_dict(), **bad})
+    assert resumed.avg_loss == 1.0 and resumed.avg_l1 == 30.0  # refused: nothing changed
 
 
 def test_each_family_passes_its_rule_kind_and_the_scheduler_takes_one():
