@@ -313,7 +313,8 @@ def raw_cosine(base: type, target: float, normalize: bool) -> type:
     return type("AdaptiveCandidate", (base,), {"_growth": _growth}, register=False)
 
 
-def polyak_variant(coef: float, target: float, beta: float = 0.9, kinds: str = "sign") -> type:
+def polyak_variant(coef: float, target: float, beta: float = 0.9, kinds: str = "sign",
+                   adam_target: float | None = None, gain: float | None = None) -> type:
     """The library's adaptive pulse with a stochastic Polyak bound on the step of sign rules:
     ``eta <= coef * ema(f) / ema(|g|_1)`` (SPS with ``f* = 0``: a sign step changes the loss by
     ``-eta * |g|_1`` to first order). ``|g|_1`` is estimated on the probe's strided subset
@@ -324,8 +325,10 @@ def polyak_variant(coef: float, target: float, beta: float = 0.9, kinds: str = "
 
     class PolyakCandidate(EmoPulseAdaptive, register=False):
         # the sign kinds' target; the bound below is the candidate's own (not the library's POLYAK)
-        TARGET = {**EmoPulseAdaptive.TARGET, "sign": target, "lion": target}
+        TARGET = {**EmoPulseAdaptive.TARGET, "sign": target, "lion": target,
+                  **({"adam": adam_target} if adam_target is not None else {})}
         POLYAK: dict = {}
+        GAIN = EmoPulseAdaptive.GAIN if gain is None else gain
 
         def measure(self, params: list, state: dict) -> tuple[float, ...]:
             l1 = 0.0
@@ -368,7 +371,7 @@ def install(opt: Any, spec: str) -> None:
         return
     if name == "polyak":  # the library's adaptive pulse plus a Polyak bound for sign rules
         cls = polyak_variant(kw.get("c", 0.1), kw.get("target", 0.01), kw.get("beta", 0.9),
-                             "sign+adam" if kw.get("adam", 0.0) else "sign")
+                             "sign+adam" if kw.get("adam", 0.0) else "sign", kw.get("atarget"), kw.get("gain"))
         opt._pulse = cls(opt._pulse.initial_scope, opt.noise_floor, opt.stop_thresholds, rule_kind=opt.rule_kind)
         return
     if "stride" in kw:
