@@ -293,7 +293,8 @@ def adaptive_variant(**constants: float) -> type:
     from emoq.pulse import EmoPulseAdaptive
 
     per_kind = ("ETA0", "TARGET")  # the library keeps these per rule kind: a candidate's value serves both
-    attrs = {k.upper(): ({"adam": v, "sign": v} if k.upper() in per_kind else v) for k, v in constants.items()}
+    attrs = {k.upper(): (dict.fromkeys(("adam", "sign", "lion"), v) if k.upper() in per_kind else v)
+             for k, v in constants.items()}
     return type("AdaptiveVariant", (EmoPulseAdaptive,), attrs, register=False)
 
 
@@ -320,8 +321,8 @@ def polyak_variant(coef: float, target: float, beta: float = 0.9, kinds: str = "
     ``-eta * |g|_1`` to first order). ``|g|_1`` is estimated on the probe's strided subset
     (each parameter's subset sum times ``numel / subset``). ``target`` is the sign kind's cosine
     target (the library's +0.01, or -0.01: grow by default and let the bound hold the step)."""
-    from emoq.pulse import EmoPulseAdaptive
     from emoq.probe import STRIDE, distance_probe
+    from emoq.pulse import EmoPulseAdaptive
 
     class PolyakCandidate(EmoPulseAdaptive, register=False):
         # the sign kinds' target; the bound below is the candidate's own (not the library's POLYAK)

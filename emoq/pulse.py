@@ -57,9 +57,10 @@ class EmoPulse:
         stop_thresholds: ``(a, b)`` of the stop signal ``|scalar| <= a and |N - D| <= b``.
         pulse: the variant, ``"v3.8"`` (default), ``"v3.9"`` or ``"adaptive"``;
             ``EmoPulse(pulse="v3.9")`` returns an :class:`EmoPulseV39`.
-        rule_kind: ``"adam"`` (default) or ``"sign"``: the kind of step the pulse scales
+        rule_kind: ``"adam"`` (default), ``"sign"`` or ``"lion"``: the kind of step the pulse scales
             (``RULE_KINDS``); each Emo optimizer passes its own. v3.8 and v3.9 ignore it; the
-            adaptive pulse takes its start and its growth target from it.
+            adaptive pulse takes its start, its growth target and (``"lion"``) its Polyak bound
+            from it.
 
     Trap: the pulse expects the *unscaled* loss of one optimizer update. Feeding it a loss
     multiplied by an AMP GradScaler, or the sum instead of the mean of micro-batch losses,

@@ -253,8 +253,8 @@ def test_stop_signal_when_annealed():
     assert pulse.eta <= math.exp(pulse.log_peak) * A.STOP_RATIO * (1 + 1e-9)
 
 
-@pytest.mark.parametrize("probe", [None, (1.0, 2.0), (1.0, 1.0, 1.0), (float("nan"), 1.0, 1.0, 1.0), (0.0, float("inf"), 1.0, 1.0),
-                                   (0.0, 1.0, 1.0, -1.0), (0.0, -1.0, 1.0, 1.0)])
+@pytest.mark.parametrize("probe", [None, (1.0, 2.0), (1.0, 1.0, 1.0), (float("nan"), 1.0, 1.0, 1.0),
+                                   (0.0, float("inf"), 1.0, 1.0), (0.0, 1.0, 1.0, -1.0), (0.0, -1.0, 1.0, 1.0)])
 def test_needs_a_finite_probe(probe):
     pulse = A()
     with pytest.raises(ValueError, match="needs its probe"):
