@@ -455,13 +455,15 @@ class EmoPulseAdaptive(EmoPulse):
         change = -self.BACKOFF * min(rise, 1.0)
         if self.cos is not None:
             change += self._growth(self.cos)
-        peak = self.log_peak
+        peak, last = self.log_peak, self.log_eta
         self.log_eta += max(-self.MAX_CHANGE, min(self.MAX_CHANGE, change))
         # bounds in log space too, so it can never run away: at most ETA_MAX, at least
-        # STOP_RATIO of the peak reached so far (annealed, not stopped), never below 1e-8
+        # STOP_RATIO of the peak reached so far (annealed, not stopped), never below 1e-8; where
+        # the Polyak bound held eta under that floor, the floor lifts it back at most as fast as
+        # eta may grow (e**MAX_CHANGE per step), never at once
         ceiling = math.log(self.ETA_MAX)
         lowest = math.log(1e-8) - math.log(self.scope)
-        floor = min(ceiling, max(lowest, self.log_peak + math.log(self.STOP_RATIO)))
+        floor = min(ceiling, max(lowest, self.log_peak + math.log(self.STOP_RATIO)), last + self.MAX_CHANGE)
         self.log_eta = max(floor, min(ceiling, self.log_eta))
         self.log_peak = max(self.log_peak, self.log_eta)
         coef = self.POLYAK.get(self.rule_kind)

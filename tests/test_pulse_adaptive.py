@@ -107,8 +107,9 @@ def reference_controller(kind, steps, scope=1.0):
         s, m = 0.3 * loss + 0.7 * s, 0.05 * loss + 0.95 * m
         rise = max(0.0, (s - m) / max(abs(m), 1e-12))
         change = 1.0 * (cos - target) - 3.0 * min(rise, 1.0)
+        last = log_eta
         log_eta += max(-0.3, min(0.3, change))
-        floor = max(math.log(1e-8 / scope), log_peak + math.log(0.01))
+        floor = min(max(math.log(1e-8 / scope), log_peak + math.log(0.01)), last + 0.3)
         log_eta = max(floor, min(math.log(0.1), log_eta))
         if coef is not None:
             f, l = (loss, l1) if f is None else (0.9 * f + 0.1 * loss, 0.9 * l + 0.1 * l1)
@@ -139,6 +140,21 @@ def test_each_kind_against_its_plain_reference(kind):
         assert got[39] > got[19] and got[59] > got[39]
     assert pulse.should_stop  # annealed to 1/100 of its peak
     assert pulse.avg_loss is None and pulse.avg_l1 is None  # no bound for this kind
+
+
+def test_the_floor_lifts_eta_no_faster_than_it_may_grow_after_the_polyak_bound():
+    # the bound can hold eta far under the 1/100-of-peak floor (a loss at 0 for a while); when
+    # the loss comes back the floor lifts it again at e**MAX_CHANGE per step, not at once
+    # (found by the bounds property test: a jump of 0.3000009 in log eta)
+    steps = [(1.0, 0.05, 100.0)] * 40 + [(0.0, 0.0, 100.0)] * 150 + [(1.0, 0.0, 100.0)] * 20
+    pulse = A(rule_kind="lion")
+    got = [pulse.update(x, (c, 1.0, 1.0, n)) for x, c, n in steps]
+    assert got == pytest.approx(reference_controller("lion", steps), rel=1e-12)
+    peak, low = max(got), got[189]
+    assert low < peak * A.STOP_RATIO / 100  # held far under the floor by the bound
+    rises = [math.log(b / a) for a, b in zip(got[189:], got[190:])]
+    assert max(rises) == pytest.approx(A.MAX_CHANGE) and all(r <= A.MAX_CHANGE + 1e-12 for r in rises)
+    assert got[-1] == pytest.approx(got[189] * math.exp(20 * A.MAX_CHANGE))  # back toward the floor, step by step
 
 
 @pytest.mark.parametrize("scope", [1.0, 3.0])
