@@ -378,7 +378,8 @@ class EmoPulseAdaptive(EmoPulse):
     - A loss that rises above its recent level pulls eta down (up to ``e**-MAX_CHANGE`` per
       step): the fast reaction to spikes, and what bounds the Adam kind's growth.
     eta never anneals below ``STOP_RATIO`` (1/100) of the largest value it reached, except where
-    the Polyak bound is lower; the stop signal (advice, the scope is untouched) holds while it
+    the Polyak bound is lower (the floor then lifts it back at most ``e**MAX_CHANGE`` per step:
+    eta never rises faster than that); the stop signal (advice, the scope is untouched) holds while it
     sits at or under that floor. Core steps 1-6 run as in v3.8 (the shadow reads ``scalar`` and
     ``trust``). The rule kind is configuration (:class:`~emoq.EmoPulseScheduler` takes
     ``rule_kind=``), not state: a checkpoint does not record it.
