@@ -316,46 +316,26 @@ def raw_cosine(base: type, target: float, normalize: bool) -> type:
 
 def polyak_variant(coef: float, target: float, beta: float = 0.9, kinds: str = "sign",
                    adam_target: float | None = None, gain: float | None = None) -> type:
-    """The library's adaptive pulse with a stochastic Polyak bound on the step of sign rules:
-    ``eta <= coef * ema(f) / ema(|g|_1)`` (SPS with ``f* = 0``: a sign step changes the loss by
-    ``-eta * |g|_1`` to first order). ``|g|_1`` is estimated on the probe's strided subset
-    (each parameter's subset sum times ``numel / subset``). ``target`` is the sign kind's cosine
-    target (the library's +0.01, or -0.01: grow by default and let the bound hold the step)."""
-    from emoq.probe import STRIDE, distance_probe
+    """The library's adaptive pulse with its Polyak bound ``eta <= scope * coef * ema(f) / ema(|g|_1)``
+    (``EmoPulseAdaptive.POLYAK``) on other kinds or with another share: on the sign kinds
+    (``"sign"``, and ``"lion"`` since EmoCats has its own kind), plus ``"adam"`` with
+    ``kinds="sign+adam"``. ``target`` is the sign kinds' cosine target (the library's +0.01 for
+    ``"sign"``, or -0.01: grow by default and let the bound hold the step); ``adam_target`` and
+    ``gain`` override the Adam kind's target and the gain. The library's ``rule_kind="lion"`` is
+    ``polyak_variant(0.2, -0.01)`` on EmoCats. (Until stop 17's library change this candidate
+    kept its own copy of the bound, with the L1 summed in Python floats and the cap divided by
+    the scope; every recorded run used scope 1, and EmoCats' digits seed 100 gives the same held-out
+    loss to the last digit either way.)"""
     from emoq.pulse import EmoPulseAdaptive
 
-    class PolyakCandidate(EmoPulseAdaptive, register=False):
-        # the sign kinds' target; the bound below is the candidate's own (not the library's POLYAK)
-        TARGET = {**EmoPulseAdaptive.TARGET, "sign": target, "lion": target,
-                  **({"adam": adam_target} if adam_target is not None else {})}
-        POLYAK: dict = {}
-        GAIN = EmoPulseAdaptive.GAIN if gain is None else gain
-
-        def measure(self, params: list, state: dict) -> tuple[float, ...]:
-            l1 = 0.0
-            for p in params:
-                if p.grad is not None:
-                    sub = p.grad.detach().reshape(-1)[::STRIDE]
-                    l1 += float(sub.double().abs().sum()) * p.numel() / max(sub.numel(), 1)
-            self.cand_l1 = l1
-            return distance_probe(params, state)
-
-        def _observe(self, loss: float, probe: Any) -> None:
-            peak = self.log_peak
-            super()._observe(loss, probe)
-            if self.rule_kind not in kinds.split("+") and not (self.rule_kind == "lion" and "sign" in kinds):
-                return
-            l1 = getattr(self, "cand_l1", 0.0)
-            f_ema = getattr(self, "cand_f", None)
-            self.cand_f = loss if f_ema is None else beta * f_ema + (1 - beta) * loss
-            self.cand_g = l1 if f_ema is None else beta * self.cand_g + (1 - beta) * l1
-            if self.cand_g > 0:
-                cap = coef * max(self.cand_f, 0.0) / self.cand_g / self.scope
-                floor = math.log(1e-8) - math.log(self.scope)
-                self.log_eta = max(floor, min(self.log_eta, math.log(cap) if cap > 0 else floor))
-                self.log_peak = max(peak, self.log_eta)
-
-    return PolyakCandidate
+    bounded = set(kinds.split("+")) | {"lion"}
+    attrs: dict[str, Any] = {
+        "TARGET": {**EmoPulseAdaptive.TARGET, "sign": target, "lion": target,
+                   **({"adam": adam_target} if adam_target is not None else {})},
+        "POLYAK": dict.fromkeys(bounded, coef), "AVERAGE": beta}
+    if gain is not None:
+        attrs["GAIN"] = gain
+    return type("PolyakCandidate", (EmoPulseAdaptive,), attrs, register=False)
 
 
 def install(opt: Any, spec: str) -> None:

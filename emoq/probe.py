@@ -68,15 +68,13 @@ def distance_probe(params: list[Tensor], state: dict[Tensor, dict[str, Any]]) ->
             raise ValueError("distance_probe: a parameter without a gradient (pass those with one)")
         grads.append(g)
         diffs.append(x0.double() - x)
-    device = params[0].device if params else torch.device("cpu")
+    zero = torch.zeros((), dtype=torch.float64, device=params[0].device if params else "cpu")
     if grads:
         g, d = torch.cat(grads), torch.cat(diffs)
-        sums = torch.stack([torch.dot(g, d), torch.dot(g, g), torch.dot(d, d), torch.stack(l1).sum()])
-    elif l1:
-        zero = torch.zeros((), dtype=torch.float64, device=device)
-        sums = torch.stack([zero, zero, zero, torch.stack(l1).sum()])
+        cosine = [torch.dot(g, d), torch.dot(g, g), torch.dot(d, d)]
     else:
-        sums = torch.zeros(4, dtype=torch.float64, device=device)
+        cosine = [zero] * 3
+    sums = torch.stack([*cosine, torch.stack(l1).sum() if l1 else zero])
     world = 1
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         if dist.get_backend() == "nccl" and sums.device.type != "cuda":

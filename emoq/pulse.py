@@ -456,7 +456,7 @@ class EmoPulseAdaptive(EmoPulse):
         change = -self.BACKOFF * min(rise, 1.0)
         if self.cos is not None:
             change += self._growth(self.cos)
-        peak, last = self.log_peak, self.log_eta
+        last = self.log_eta
         self.log_eta += max(-self.MAX_CHANGE, min(self.MAX_CHANGE, change))
         # bounds in log space too, so it can never run away: at most ETA_MAX, at least
         # STOP_RATIO of the peak reached so far (annealed, not stopped), never below 1e-8; where
@@ -466,7 +466,6 @@ class EmoPulseAdaptive(EmoPulse):
         lowest = math.log(1e-8) - math.log(self.scope)
         floor = min(ceiling, max(lowest, self.log_peak + math.log(self.STOP_RATIO)), last + self.MAX_CHANGE)
         self.log_eta = max(floor, min(ceiling, self.log_eta))
-        self.log_peak = max(self.log_peak, self.log_eta)
         coef = self.POLYAK.get(self.rule_kind)
         if coef is not None:
             first = self.avg_loss is None or self.avg_l1 is None
@@ -477,7 +476,7 @@ class EmoPulseAdaptive(EmoPulse):
                 bound = coef * self.avg_loss / self.avg_l1
                 # at most the bound (which may lie under the 1/100-of-peak floor), never below 1e-8
                 self.log_eta = max(lowest, min(self.log_eta, math.log(bound) if bound > 0 else lowest))
-                self.log_peak = max(peak, self.log_eta)
+        self.log_peak = max(self.log_peak, self.log_eta)
 
     def _step_size(self) -> float:
         # as v3.9: min with the upper bound first, then the 1e-8 floor (which wins for a scope < 1e-7)
