@@ -338,6 +338,33 @@ def polyak_variant(coef: float, target: float, beta: float = 0.9, kinds: str = "
     return type("PolyakCandidate", (EmoPulseAdaptive,), attrs, register=False)
 
 
+def anchor_variant(beta: float, target: float | None = None, polyak: float | None = None) -> type:
+    """The library's adaptive pulse measuring its cosine against a moving anchor instead of the
+    start point: ``cos(g, a - x)`` with ``a <- beta * a + (1 - beta) * x`` on the probe's subset
+    (``a`` starts at ``x0``; window ~1/(1-beta) steps). The start point's displacement grows with
+    the whole path, so late in a run its cosine with the gradient says little about the current
+    scale; a recent anchor asks whether the last ~1/(1-beta) steps overshoot. ``target``
+    overrides every kind's target; ``polyak`` the lion kind's bound share."""
+    from emoq import probe as library_probe
+    from emoq.pulse import EmoPulseAdaptive
+
+    def measure(self: Any, params: list, state: dict) -> tuple[float, float, float, float]:
+        out = library_probe.distance_probe(params, state)
+        with torch.no_grad():
+            for p in params:  # move the anchor (the probe's x0) toward x, after the sums
+                a = state[p].get(library_probe.STATE_NAME)
+                if a is not None:
+                    a.mul_(beta).add_(library_probe._subset(p).float(), alpha=1 - beta)
+        return out
+
+    attrs: dict[str, Any] = {"measure": measure}
+    if target is not None:
+        attrs["TARGET"] = dict.fromkeys(("adam", "sign", "lion"), target)
+    if polyak is not None:
+        attrs["POLYAK"] = {"lion": polyak}
+    return type("AnchorCandidate", (EmoPulseAdaptive,), attrs, register=False)
+
+
 def install(opt: Any, spec: str) -> None:
     """Replace ``opt``'s pulse by the candidate ``spec`` = ``name[,key=value...]``."""
     name, *pairs = spec.split(",")
@@ -353,6 +380,10 @@ def install(opt: Any, spec: str) -> None:
     if name == "polyak":  # the library's adaptive pulse plus a Polyak bound for sign rules
         cls = polyak_variant(kw.get("c", 0.1), kw.get("target", 0.01), kw.get("beta", 0.9),
                              "sign+adam" if kw.get("adam", 0.0) else "sign", kw.get("atarget"), kw.get("gain"))
+        opt._pulse = cls(opt._pulse.initial_scope, opt.noise_floor, opt.stop_thresholds, rule_kind=opt.rule_kind)
+        return
+    if name == "anchor":  # the library's adaptive pulse, cosine against a moving anchor
+        cls = anchor_variant(kw.get("beta", 0.95), kw.get("target"), kw.get("c"))
         opt._pulse = cls(opt._pulse.initial_scope, opt.noise_floor, opt.stop_thresholds, rule_kind=opt.rule_kind)
         return
     if "stride" in kw:

@@ -53,6 +53,10 @@ def distance_probe(params: list[Tensor], state: dict[Tensor, dict[str, Any]]) ->
     averaged gradient, so the L1 norm is each one's (the cosine of the first three needs no
     division).
     """
+    for p in params:  # refuse before anything is recorded: no x0 of an earlier parameter kept
+        x0 = state[p].get(STATE_NAME)
+        if p.grad is None and x0 is not None and x0.shape == (subset_size(p),) and x0.device == p.device:
+            raise ValueError("distance_probe: a parameter without a gradient (pass those with one)")
     grads, diffs, l1 = [], [], []
     for p in params:
         st = state[p]
@@ -64,8 +68,6 @@ def distance_probe(params: list[Tensor], state: dict[Tensor, dict[str, Any]]) ->
         if x0 is None or x0.shape != x.shape or x0.device != x.device:
             st[STATE_NAME] = x.float()
             continue
-        if g is None:
-            raise ValueError("distance_probe: a parameter without a gradient (pass those with one)")
         grads.append(g)
         diffs.append(x0.double() - x)
     zero = torch.zeros((), dtype=torch.float64, device=params[0].device if params else "cpu")

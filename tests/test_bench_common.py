@@ -51,3 +51,38 @@ def test_pulse_report_without_the_plotted_optimizers_writes_its_table(tmp_path, 
     assert summary["best_adamw"] is None  # no AdamW run: the ratios to it are NaN, not an error
     assert json.loads((tmp_path / "pulse_qlora.json").read_text())["results"].keys() == {r["spec"] for r in runs}
     assert not (tmp_path / "pulse_qlora.png").exists()
+
+
+@pytest.mark.parametrize("family, spec", [("EmoSens", "anchor,beta=1"), ("EmoCats", "anchor,beta=1"),
+                                          ("EmoCats", "polyak,c=0.2,target=-0.01")])
+def test_candidates_that_restate_the_library_pulse_step_like_it(family, spec, batch):
+    # The study's tables read these candidates as "the library's pulse with one thing changed";
+    # with nothing changed they must be the library's pulse to the last bit (parameters and eta).
+    from bench import pulse_candidates
+    from tests.conftest import make_net, train
+
+    runs = []
+    for candidate in (None, spec):
+        net = make_net()
+        opt = getattr(emoq, family)(net.parameters(), pulse="adaptive")
+        if candidate is not None:
+            pulse_candidates.install(opt, candidate)
+        losses = train(net, opt, batch, 12)
+        runs.append((losses, opt.pulse, [p.detach().clone() for p in net.parameters()]))
+    assert runs[0][0] == runs[1][0] and runs[0][1] == runs[1][1]
+    assert all(torch.equal(a, b) for a, b in zip(runs[0][2], runs[1][2]))
+
+
+def test_anchor_candidate_moves_its_anchor_toward_x(batch):
+    from bench import pulse_candidates
+    from emoq.probe import STATE_NAME, STRIDE
+    from tests.conftest import make_net, train
+
+    net = make_net()
+    opt = emoq.EmoSens(net.parameters(), pulse="adaptive")
+    pulse_candidates.install(opt, "anchor,beta=0.25")
+    train(net, opt, batch, 3)
+    p = next(net.parameters())
+    anchor, x = opt.state[p][STATE_NAME].clone(), p.detach().reshape(-1)[::STRIDE].clone()
+    train(net, opt, batch, 1, start=3)  # measures at x, then steps
+    torch.testing.assert_close(opt.state[p][STATE_NAME], 0.25 * anchor + 0.75 * x)

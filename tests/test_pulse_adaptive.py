@@ -49,6 +49,21 @@ def test_probe_sums_on_the_strided_subset():
     assert got[3] == pytest.approx(sum(float(p.grad.abs().sum()) for p in ps), rel=0.2)
 
 
+def test_probe_refuses_a_parameter_without_gradient_before_recording_anything():
+    ps = [torch.nn.Parameter(torch.randn(70)) for _ in range(3)]
+    state = {p: {} for p in ps}
+    distance_probe(ps[1:], state)  # the last two have an x0; the first is new
+    before = {p: dict(state[p]) for p in ps}
+    ps[0].grad = torch.randn(70)
+    ps[2].grad = torch.randn(70)  # ps[1] has none
+    with pytest.raises(ValueError, match="without a gradient"):
+        distance_probe(ps, state)
+    assert all(state[p].keys() == before[p].keys() for p in ps)  # the new parameter's x0 not recorded
+    assert all(torch.equal(state[p][STATE_NAME], before[p][STATE_NAME]) for p in ps[1:])
+    ps[1].grad = torch.randn(70)
+    assert distance_probe(ps, state)[0] == 0.0  # nothing moved: <g, x0 - x> = 0
+
+
 def test_probe_memory_is_a_sixty_first(batch):
     net = make_net()
     opt = emoq.EmoCats8bit(net.parameters(), pulse="adaptive")
