@@ -24,7 +24,7 @@ from torch.optim import Optimizer
 
 from emoq import compensate
 from emoq.arith import Hyper
-from emoq.distributed import Layout, StatePlacement, local, locals_of, reduce_loss
+from emoq.distributed import Layout, StatePlacement, is_dtensor, local, locals_of, reduce_loss
 from emoq.kernels import SMALL, Extent, ParamSig, Runner, StateLayout, param_stats, param_step
 from emoq.probe import STATE_NAME as PROBE_STATE
 from emoq.probe import check_probe_state
@@ -206,10 +206,11 @@ class Unit:
     on the LoRA set whenever glibc had returned the previous step's blocks to the kernel (page
     faults; 10.1 vs 3.1 ms for the stacking and copying back), and the same when it had not."""
 
-    __slots__ = ("params", "stacked", "extent", "grads", "g", "stats", "_bufs")
+    __slots__ = ("params", "stacked", "extent", "dtensors", "grads", "g", "stats", "_bufs")
 
     def __init__(self, params: tuple[Tensor, ...], stacked: bool, extent: Extent) -> None:
         self.params, self.stacked, self.extent = params, stacked, extent
+        self.dtensors = True  # whether a parameter or gradient may be a DTensor (stepped through its shard)
         self.grads: list[Tensor] = []
         self.g: Tensor | None = None  # the gradient (stacked for a stack), set each step
         self.stats: tuple[Tensor, ...] = ()
@@ -438,40 +439,90 @@ class EmoOptimizer(Optimizer):
         nothing. Parameters without a gradient and zero-size parameters are skipped (a sharded
         parameter whose shard here is empty is not zero-size: it still joins the collectives).
         """
-        name = type(self).__name__
         out = []
         for i, group in enumerate(self.param_groups):
-            try:  # groups can be edited after construction
-                self._check_hparams(group["betas"], group["eps"], group["weight_decay"])
-            except ValueError as err:
-                raise ValueError(f"{name} param group {i}: {err}") from None
-            params = []
-            shapes, needs_probe = self._state_shapes, self._pulse.needs_probe  # (hundreds of parameters: locals)
-            for p in group["params"]:
-                grad = p.grad
-                if grad is None or p.numel() == 0:
-                    continue
-                if grad.layout is not torch.strided:
-                    what = "sparse gradients" if grad.is_sparse else f"gradients of layout {grad.layout}"
-                    raise RuntimeError(f"{name} does not support {what}")
-                if grad.is_complex():
-                    raise RuntimeError(f"{name} does not support complex gradients")
-                shape = p.shape
-                if grad.shape != shape:
-                    raise RuntimeError(f"{name}: a gradient of shape {tuple(grad.shape)} for a parameter of shape "
-                                       f"{tuple(shape)}")
-                made = shapes.get(p)
-                if made is not None and made != shape and self.state.get(p):
-                    raise RuntimeError(f"{name}: a parameter's shape changed from {tuple(made)} to {tuple(shape)} "
-                                       "after its optimizer states were made (p.data replaced?)")
-                if needs_probe and self._layout(p).mesh is not None:  # bad shardings raise in _layout (first use)
-                    raise NotImplementedError(
-                        f"{name}: pulse={self._pulse.name!r} does not support sharded (FSDP2/DTensor) parameters "
-                        "yet (its probe of the starting point is not sharded); use pulse='v3.8' or 'v3.9'")
-                params.append(p)
+            self._check_group(i, group)
+            params = self._group_params_with_grad(group)
             if params:
                 out.append((group, params))
         return out
+
+    def _check_group(self, i: int, group: dict) -> None:
+        try:  # groups can be edited after construction
+            self._check_hparams(group["betas"], group["eps"], group["weight_decay"])
+        except ValueError as err:
+            raise ValueError(f"{type(self).__name__} param group {i}: {err}") from None
+
+    def _group_params_with_grad(self, group: dict) -> list[Tensor]:
+        """The parameters of ``group`` to update, each checked (see :meth:`_params_with_grad`)."""
+        name = type(self).__name__
+        params = []
+        shapes, needs_probe = self._state_shapes, self._pulse.needs_probe  # (hundreds of parameters: locals)
+        for p in group["params"]:
+            grad = p.grad
+            if grad is None or p.numel() == 0:
+                continue
+            if grad.layout is not torch.strided:
+                what = "sparse gradients" if grad.is_sparse else f"gradients of layout {grad.layout}"
+                raise RuntimeError(f"{name} does not support {what}")
+            if grad.is_complex():
+                raise RuntimeError(f"{name} does not support complex gradients")
+            shape = p.shape
+            if grad.shape != shape:
+                raise RuntimeError(f"{name}: a gradient of shape {tuple(grad.shape)} for a parameter of shape "
+                                   f"{tuple(shape)}")
+            made = shapes.get(p)
+            if made is not None and made != shape and self.state.get(p):
+                raise RuntimeError(f"{name}: a parameter's shape changed from {tuple(made)} to {tuple(shape)} "
+                                   "after its optimizer states were made (p.data replaced?)")
+            if needs_probe and self._layout(p).mesh is not None:  # bad shardings raise in _layout (first use)
+                raise NotImplementedError(
+                    f"{name}: pulse={self._pulse.name!r} does not support sharded (FSDP2/DTensor) parameters "
+                    "yet (its probe of the starting point is not sharded); use pulse='v3.8' or 'v3.9'")
+            params.append(p)
+        return params
+
+    def _plan(self) -> list[tuple[dict, Unit]]:
+        """This step's units of work (each with its gradients), per param group, after checking
+        everything that can fail, as :meth:`_params_with_grad`.
+
+        A group whose parameters (by identity), gradients' presence, layout, dtypes and shapes are
+        those of its last step reuses that step's plan after one pass over its parameters; any
+        difference (including one that must raise) takes the full checks and regrouping
+        (:meth:`_group_params_with_grad`, :meth:`_units`), so both give the same plan and errors."""
+        out = []
+        for i, group in enumerate(self.param_groups):
+            self._check_group(i, group)
+            units = self._cached_units(group)
+            if units is None:
+                params = self._group_params_with_grad(group)
+                units = self._units(group, params) if params else []
+            for unit in units:
+                grads = [p.grad for p in unit.params]
+                unit.grads[:] = locals_of(grads) if unit.dtensors else grads  # DTensor shards: the rows held here
+                out.append((group, unit))
+        return out
+
+    def _cached_units(self, group: dict) -> list[Unit] | None:
+        """The group's last plan if it still holds (see :meth:`_plan`), else ``None``."""
+        cached = self._unit_cache.get(id(group))
+        params = group["params"]
+        if cached is None or len(cached[0]) != len(params):
+            return None
+        strided = torch.strided
+        for p, q, want in zip(params, cached[0], cached[1]):
+            if p is not q:
+                return None
+            g = p.grad
+            if want is None:  # no gradient, or zero-size, when the plan was made
+                if g is not None and p.numel() != 0:
+                    return None
+                continue
+            shape, p_dtype, g_dtype, g_type = want
+            if (g is None or type(g) is not g_type or g.layout is not strided or g.dtype is not g_dtype
+                    or p.dtype is not p_dtype or g.shape != shape or p.shape != shape):
+                return None
+        return cached[2]
 
     def step(self, closure: Callable[[], Any] | None = None, *, loss: float | Tensor | None = None) -> Any:
         """One update. The loss comes from ``closure``, ``loss=`` or the recorded micro-batch losses.
@@ -494,7 +545,7 @@ class EmoOptimizer(Optimizer):
             self._init_states()
             return None
         result, loss_value = self._take_loss(closure, loss)
-        units = [(group, unit) for group, params in self._params_with_grad() for unit in self._units(group, params)]
+        units = self._plan()
         try:
             grads_ok = self._gradient_stats([unit for _, unit in units])
             device = units[0][1].params[0].device if units else None
@@ -567,29 +618,25 @@ class EmoOptimizer(Optimizer):
 
     # ------------------------------------------------------------------ units: a parameter, or a stack
     def _units(self, group: dict, params: list[Tensor]) -> list[Unit]:
-        """``params`` as units of work: small parameters sharing shape, dtypes and extent are
-        stacked (when compiling), everything else runs alone. The group's last plan is kept and
-        reused while the same parameters (by identity) with the same dtypes come back."""
-        members = tuple(params)
-        kinds = tuple((p.dtype, p.grad.dtype) for p in params)
-        cached = self._unit_cache.get(id(group))  # the last plan of this group: usually the same parameters
-        if (cached is not None and len(cached[0]) == len(members) and cached[1] == kinds
-                and all(a is b for a, b in zip(cached[0], members))):
-            units = cached[2]
-        else:
-            stackable = self._runner.compiling and not self.use_shadow
-            by_kind: dict[tuple, list[Tensor]] = {}
-            for p in params:
-                extent = self._extent(p)
-                kind = (tuple(p.shape), p.dtype, p.grad.dtype, extent)
-                if not stackable or p.numel() >= SMALL or not local(p).is_contiguous():
-                    kind = kind + (id(p),)
-                by_kind.setdefault(kind, []).append(p)
-            units = [Unit(tuple(ps), len(ps) > 1, kind[3]) for kind, ps in by_kind.items()]
-            self._unit_cache[id(group)] = (members, kinds, units)
+        """``params`` (checked, with gradients) as units of work: small parameters sharing shape,
+        dtypes and extent are stacked (when compiling), everything else runs alone. The plan is
+        kept for :meth:`_cached_units`, with what each parameter of the group was (``None``: not
+        updated; else its shape, dtype, and its gradient's dtype and type)."""
+        stackable = self._runner.compiling and not self.use_shadow
+        by_kind: dict[tuple, list[Tensor]] = {}
+        for p in params:
+            extent = self._extent(p)
+            kind = (tuple(p.shape), p.dtype, p.grad.dtype, extent)
+            if not stackable or p.numel() >= SMALL or not local(p).is_contiguous():
+                kind = kind + (id(p),)
+            by_kind.setdefault(kind, []).append(p)
+        units = [Unit(tuple(ps), len(ps) > 1, kind[3]) for kind, ps in by_kind.items()]
         for unit in units:
-            unit.grads.clear()
-            unit.grads.extend(locals_of(p.grad for p in unit.params))  # DTensor shards: the rows held here
+            unit.dtensors = any(is_dtensor(t) for p in unit.params for t in (p, p.grad))
+        updated = {id(p) for p in params}
+        wants = tuple((p.shape, p.dtype, p.grad.dtype, type(p.grad)) if id(p) in updated else None
+                      for p in group["params"])
+        self._unit_cache[id(group)] = (tuple(group["params"]), wants, units)
         return units
 
     def _gradient_stats(self, units: list[Unit]) -> bool:
@@ -657,7 +704,7 @@ class EmoOptimizer(Optimizer):
             self._run(opts, sig, local(p), unit, parts, residual, h, c, before)
             return
         sig, parts, residual = self._stack(unit)
-        members = locals_of(unit.params)  # DTensor shards: the rows held here
+        members = locals_of(unit.params) if unit.dtensors else unit.params  # DTensor shards: the rows held here
         values, views = unit.stack("values", members)  # under no_grad: plain copies
         self._run(opts, sig, values, unit, parts, residual, h, c)
         torch._foreach_copy_(members, views)
