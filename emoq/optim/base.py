@@ -206,11 +206,14 @@ class Unit:
     on the LoRA set whenever glibc had returned the previous step's blocks to the kernel (page
     faults; 10.1 vs 3.1 ms for the stacking and copying back), and the same when it had not."""
 
-    __slots__ = ("params", "stacked", "extent", "dtensors", "grads", "g", "stats", "_bufs")
+    __slots__ = ("params", "stacked", "extent", "dtensors", "kernel_args", "grads", "g", "stats", "_bufs")
 
     def __init__(self, params: tuple[Tensor, ...], stacked: bool, extent: Extent) -> None:
         self.params, self.stacked, self.extent = params, stacked, extent
         self.dtensors = True  # whether a parameter or gradient may be a DTensor (stepped through its shard)
+        # a stack's (signature, state parts, residual), from EmoOptimizer._stack: a unit lives in one plan,
+        # which load_state_dict and any regrouping of its members replace
+        self.kernel_args: tuple | None = None
         self.grads: list[Tensor] = []
         self.g: Tensor | None = None  # the gradient (stacked for a stack), set each step
         self.stats: tuple[Tensor, ...] = ()
@@ -703,7 +706,7 @@ class EmoOptimizer(Optimizer):
                 return
             self._run(opts, sig, local(p), unit, parts, residual, h, c, before)
             return
-        sig, parts, residual = self._stack(unit)
+        sig, parts, residual = unit.kernel_args or self._stack(unit)
         members = locals_of(unit.params) if unit.dtensors else unit.params  # DTensor shards: the rows held here
         values, views = unit.stack("values", members)  # under no_grad: plain copies
         self._run(opts, sig, values, unit, parts, residual, h, c)
@@ -735,6 +738,7 @@ class EmoOptimizer(Optimizer):
         of one stacked buffer); rebuilt if a member's states were replaced."""
         cached = self._stacks.get(unit.params)
         if cached is not None:  # dropped by load_state_dict and by restacking a member elsewhere
+            unit.kernel_args = cached
             return cached
         for p in unit.params:  # a member's states move to the new buffer: its old stack is stale
             self._stacks.pop(self._stacked_in.get(p), None)
@@ -759,7 +763,7 @@ class EmoOptimizer(Optimizer):
         sig = ParamSig(tuple(layouts), first.extent, first.p_dtype, first.g_dtype, first.compensation, shape)
         for p in unit.params:
             self._items.pop(p, None)  # the per-parameter parts now point at replaced states
-        self._stacks[unit.params] = (sig, parts, residual)
+        self._stacks[unit.params] = unit.kernel_args = (sig, parts, residual)
         return sig, parts, residual
 
     def _item(self, p: Tensor) -> tuple[ParamSig, list[list[Tensor]], Tensor | None]:
