@@ -12,6 +12,13 @@ every state tensor: ``2 P + G + 2 S``) over the step time, against a plain ``cop
 bytes on the same device.
 
     python -m bench.speed [--steps 7] [--warmup 3] [--threads 2] [--lora] [--only NAME ...] [--device cuda]
+                          [--interleave]
+
+``--interleave`` builds every optimizer first (each on its own copy of the parameters) and
+times their steps round-robin, one step of each per round: on a machine shared with other jobs,
+every optimizer then meets the same load, so the same-run ratios hold where sequential timings
+(minutes apart) would not; each step also starts with the caches holding the other optimizers'
+data, as a training step starts after the forward and backward passes.
 
 Writes speed_4096.json (speed_lora.json with --lora; ``_cuda`` before ``.json`` on the GPU).
 """
@@ -59,6 +66,29 @@ def time_one(make, params_fn, steps: int, warmup: int, sync: bool = False) -> di
         gc.collect()
 
 
+def time_interleaved(makers: dict, params_fn, steps: int, warmup: int, sync: bool = False) -> dict:
+    """:func:`time_one`'s results for every optimizer of ``makers``, their steps timed round-robin."""
+    runs, results = {}, {}
+    for name, make in makers.items():
+        params = params_fn()
+        try:
+            opt = make(params)
+            common.set_grads(params)
+            warm = [common.timed(lambda o=opt, i=i: common.step(o, i), sync) for i in range(warmup)]
+            runs[name] = (opt, params, warm)
+        except Exception as exc:  # noqa: BLE001 - a peer that cannot run says so in the table
+            results[name] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for i in range(steps):
+        for name, (opt, _, _) in runs.items():
+            times[name].append(common.timed(lambda o=opt, i=i: common.step(o, warmup + i), sync))
+    for name, (opt, params, warm) in runs.items():
+        moved = 3 * sum(p.numel() * p.element_size() for p in params) + 2 * common.state_bytes(opt)
+        results[name] = {"median_s": common.median(times[name]), "times_s": times[name], "warmup_s": warm,
+                         "min_bytes_moved": moved}
+    return {name: results[name] for name in makers}
+
+
 def copy_bandwidth(nbytes: int, device: str, repeats: int = 20) -> float:
     """Bytes per second of ``dst.copy_(src)`` moving ``nbytes`` (half read, half written)."""
     import torch
@@ -80,6 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--only", nargs="*", default=None)
     ap.add_argument("--device", default="cpu", help="cpu or cuda")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--interleave", action="store_true", help="time the optimizers' steps round-robin")
     args = ap.parse_args(argv)
     common.pin_threads(args.threads)
     common.quiet()
@@ -89,8 +120,12 @@ def main(argv: list[str] | None = None) -> dict:
     all_makers = makers()
     names = args.only or DEFAULT
     results = {}
+    if args.interleave:
+        results = time_interleaved({name: all_makers[name] for name in names}, params_fn, args.steps, args.warmup,
+                                   sync)
     for name in names:
-        results[name] = time_one(all_makers[name], params_fn, args.steps, args.warmup, sync)
+        if name not in results:
+            results[name] = time_one(all_makers[name], params_fn, args.steps, args.warmup, sync)
         r = results[name]
         print(f"{name:24s} " + (f"{r['median_s'] * 1e3:9.1f} ms (warm-up {sum(r['warmup_s']):.1f} s)"
                                 if "median_s" in r else r["error"]), flush=True)
@@ -114,9 +149,11 @@ def main(argv: list[str] | None = None) -> dict:
     what = "LoRA r=8 set (SmolLM2-135M shapes)" if args.lora else "one 4096x4096 fp32 weight"
     where = torch_device_name(args.device) if sync else f"{args.threads} threads"
     cols = ["optimizer", "step ms", "/ torch AdamW fused", "/ best 8-bit peer"] + (["GB/s", "/ copy_"] if sync else [])
-    print(f"\nstep time, {what}, {where}, median of {args.steps} after {args.warmup} warm-up\n"
+    order = ", steps interleaved" if args.interleave else ""
+    print(f"\nstep time, {what}, {where}, median of {args.steps} after {args.warmup} warm-up{order}\n"
           + common.table(rows, cols))
     payload = {"env": common.environment(), "device": where, "params": what, "steps": args.steps, "warmup": args.warmup,
+               "interleaved": args.interleave,
                "best_8bit_peer_s": best8, "torch_adamw_fused_s": fused, "rows": rows, "raw": results}
     suffix = "_cuda" if sync else ""
     path = common.write_json(f"speed_lora{suffix}.json" if args.lora else f"speed_4096{suffix}.json", payload,

@@ -86,3 +86,31 @@ def test_anchor_candidate_moves_its_anchor_toward_x(batch):
     anchor, x = opt.state[p][STATE_NAME].clone(), p.detach().reshape(-1)[::STRIDE].clone()
     train(net, opt, batch, 1, start=3)  # measures at x, then steps
     torch.testing.assert_close(opt.state[p][STATE_NAME], 0.25 * anchor + 0.75 * x)
+
+
+def test_step_breakdown_times_every_row_and_restores_the_step():
+    # The probe skips phases of the stacked step by patching emoq: every row is timed and the real
+    # step is back afterwards (a later step equals an untouched optimizer's).
+    from bench import step_breakdown
+    from emoq.optim import base
+
+    real = (base.Unit.stack, torch._foreach_copy_, base.sum_of_squares)
+    shapes = lambda: [torch.nn.Parameter(torch.randn(8, 64)) for _ in range(6)]  # noqa: E731
+    got = step_breakdown.breakdown("EmoSens", rounds=2, params_fn=shapes)
+    assert set(got) == set(step_breakdown.PHASES) and all(t > 0 for t in got.values())
+    assert (base.Unit.stack, torch._foreach_copy_, base.sum_of_squares) == real
+
+
+def test_interleaved_timing_steps_every_optimizer_round_robin(monkeypatch):
+    from bench import speed
+
+    order = []
+    real_step = common.step
+    monkeypatch.setattr(common, "step", lambda opt, i: order.append((type(opt).__name__, i)) or real_step(opt, i))
+    makers = {"adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-3), "cats": lambda ps: emoq.EmoCats(ps),
+              "broken": lambda ps: 1 / 0}
+    shapes = lambda: [torch.nn.Parameter(torch.randn(8, 64)) for _ in range(6)]  # noqa: E731
+    got = speed.time_interleaved(makers, shapes, steps=3, warmup=1)
+    assert list(got) == ["adamw", "cats", "broken"] and "ZeroDivisionError" in got["broken"]["error"]
+    assert all(len(got[n]["times_s"]) == 3 and got[n]["median_s"] > 0 for n in ("adamw", "cats"))
+    assert order[2:] == [("AdamW", 1), ("EmoCats", 1), ("AdamW", 2), ("EmoCats", 2), ("AdamW", 3), ("EmoCats", 3)]
