@@ -498,8 +498,7 @@ class EmoOptimizer(Optimizer):
             self._check_group(i, group)
             units = self._cached_units(group)
             if units is None:
-                params = self._group_params_with_grad(group)
-                units = self._units(group, params) if params else []
+                units = self._units(group, self._group_params_with_grad(group))
             for unit in units:
                 grads = [p.grad for p in unit.params]
                 unit.grads[:] = locals_of(grads) if unit.dtensors else grads  # DTensor shards: the rows held here
