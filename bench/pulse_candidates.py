@@ -290,10 +290,10 @@ CANDIDATES["calib"] = Calibrated
 
 def adaptive_variant(**constants: float) -> type:
     """The library's adaptive pulse with other constants (GAIN, TARGET, MAX_CHANGE, ETA_MAX, ...)."""
-    from emoq.pulse import EmoPulseAdaptive
+    from emoq.pulse import RULE_KINDS, EmoPulseAdaptive
 
     per_kind = ("ETA0", "TARGET")  # the library keeps these per rule kind: a candidate's value serves both
-    attrs = {k.upper(): (dict.fromkeys(("adam", "sign", "lion"), v) if k.upper() in per_kind else v)
+    attrs = {k.upper(): (dict.fromkeys(RULE_KINDS, v) if k.upper() in per_kind else v)
              for k, v in constants.items()}
     return type("AdaptiveVariant", (EmoPulseAdaptive,), attrs, register=False)
 
@@ -346,7 +346,7 @@ def anchor_variant(beta: float, target: float | None = None, polyak: float | Non
     scale; a recent anchor asks whether the last ~1/(1-beta) steps overshoot. ``target``
     overrides every kind's target; ``polyak`` the lion kind's bound share."""
     from emoq import probe as library_probe
-    from emoq.pulse import EmoPulseAdaptive
+    from emoq.pulse import RULE_KINDS, EmoPulseAdaptive
 
     def measure(self: Any, params: list, state: dict) -> tuple[float, float, float, float]:
         out = library_probe.distance_probe(params, state)
@@ -359,7 +359,7 @@ def anchor_variant(beta: float, target: float | None = None, polyak: float | Non
 
     attrs: dict[str, Any] = {"measure": measure}
     if target is not None:
-        attrs["TARGET"] = dict.fromkeys(("adam", "sign", "lion"), target)
+        attrs["TARGET"] = dict.fromkeys(RULE_KINDS, target)
     if polyak is not None:
         attrs["POLYAK"] = {"lion": polyak}
     return type("AnchorCandidate", (EmoPulseAdaptive,), attrs, register=False)

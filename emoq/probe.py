@@ -53,11 +53,8 @@ def distance_probe(params: list[Tensor], state: dict[Tensor, dict[str, Any]]) ->
     averaged gradient, so the L1 norm is each one's (the cosine of the first three needs no
     division).
     """
-    for p in params:  # refuse before anything is recorded: no x0 of an earlier parameter kept
-        x0 = state[p].get(STATE_NAME)
-        if p.grad is None and x0 is not None and x0.shape == (subset_size(p),) and x0.device == p.device:
-            raise ValueError("distance_probe: a parameter without a gradient (pass those with one)")
     grads, diffs, l1 = [], [], []
+    first_seen = []  # (state, x0) recorded only once nothing can raise any more
     for p in params:
         st = state[p]
         g = _subset(p.grad).double() if p.grad is not None else None
@@ -66,8 +63,10 @@ def distance_probe(params: list[Tensor], state: dict[Tensor, dict[str, Any]]) ->
         x = _subset(p).double()
         x0 = st.get(STATE_NAME)
         if x0 is None or x0.shape != x.shape or x0.device != x.device:
-            st[STATE_NAME] = x.float()
+            first_seen.append((st, x.float()))
             continue
+        if g is None:
+            raise ValueError("distance_probe: a parameter without a gradient (pass those with one)")
         grads.append(g)
         diffs.append(x0.double() - x)
     zero = torch.zeros((), dtype=torch.float64, device=params[0].device if params else "cpu")
@@ -84,4 +83,6 @@ def distance_probe(params: list[Tensor], state: dict[Tensor, dict[str, Any]]) ->
         dist.all_reduce(sums)
         world = dist.get_world_size()
     gx, gg, xx, g1 = sums.tolist()
+    for st, x0 in first_seen:
+        st[STATE_NAME] = x0
     return gx, gg, xx, g1 / world
