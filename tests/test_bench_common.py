@@ -54,7 +54,8 @@ def test_pulse_report_without_the_plotted_optimizers_writes_its_table(tmp_path, 
 
 
 @pytest.mark.parametrize("family, spec", [("EmoSens", "anchor,beta=1"), ("EmoCats", "anchor,beta=1"),
-                                          ("EmoCats", "polyak,c=0.2,target=-0.01")])
+                                          ("EmoCats", "polyak,c=0.2,target=-0.01"),
+                                          ("EmoSens", "twophase,hold=-0.01")])
 def test_candidates_that_restate_the_library_pulse_step_like_it(family, spec, batch):
     # The study's tables read these candidates as "the library's pulse with one thing changed";
     # with nothing changed they must be the library's pulse to the last bit (parameters and eta).
@@ -86,6 +87,17 @@ def test_anchor_candidate_moves_its_anchor_toward_x(batch):
     anchor, x = opt.state[p][STATE_NAME].clone(), p.detach().reshape(-1)[::STRIDE].clone()
     train(net, opt, batch, 1, start=3)  # measures at x, then steps
     torch.testing.assert_close(opt.state[p][STATE_NAME], 0.25 * anchor + 0.75 * x)
+
+
+def test_twophase_candidate_holds_on_its_second_target_after_the_first_overshoot():
+    from bench.pulse_candidates import twophase_variant
+
+    pulse = twophase_variant(hold=0.0, beta=0.5)()  # Adam kind: grows on cos + 0.01 until crossed
+    assert pulse._growth(0.1) == pytest.approx(0.11)
+    assert pulse._growth(0.0) == pytest.approx(0.01)  # average 0.05: not crossed yet
+    assert pulse._growth(-0.5) == pytest.approx(-0.5)  # average -0.225 < -0.01: crossed, target 0 now
+    assert pulse._growth(0.1) == pytest.approx(0.1)  # stays crossed though the average is back up
+    assert pulse._growth(-0.005) == pytest.approx(-0.005)
 
 
 def test_step_breakdown_times_every_row_and_restores_the_step():
