@@ -387,6 +387,21 @@ def twophase_variant(hold: float, beta: float = 0.9, eta0: float | None = None) 
     return type("TwoPhaseCandidate", (EmoPulseAdaptive,), attrs, register=False)
 
 
+def decaying_gain_variant(gain0: float, tau: float, eta0: float | None = None) -> type:
+    """The library's adaptive pulse with a gain that decays like a stochastic-approximation step,
+    ``GAIN_t = gain0 / sqrt(1 + t / tau)`` (``t`` the pulse's step count): fast to the cosine's
+    early equilibrium, slower drift later, where the start point's cosine separates step sizes less."""
+    from emoq.pulse import EmoPulseAdaptive
+
+    def _growth(self: Any, cos: float) -> float:
+        return gain0 / math.sqrt(1.0 + self.steps / tau) * (cos - self.TARGET[self.rule_kind])
+
+    attrs: dict[str, Any] = {"_growth": _growth}
+    if eta0 is not None:
+        attrs["ETA0"] = {**EmoPulseAdaptive.ETA0, "adam": eta0}
+    return type("DecayingGainCandidate", (EmoPulseAdaptive,), attrs, register=False)
+
+
 def install(opt: Any, spec: str) -> None:
     """Replace ``opt``'s pulse by the candidate ``spec`` = ``name[,key=value...]``."""
     name, *pairs = spec.split(",")
@@ -406,6 +421,10 @@ def install(opt: Any, spec: str) -> None:
         return
     if name == "twophase":  # the library's adaptive pulse, a stricter target after the first overshoot
         cls = twophase_variant(kw.get("hold", 0.0), kw.get("beta", 0.9), kw.get("eta0"))
+        opt._pulse = cls(opt._pulse.initial_scope, opt.noise_floor, opt.stop_thresholds, rule_kind=opt.rule_kind)
+        return
+    if name == "decay":  # the library's adaptive pulse, gain decaying as 1/sqrt(1 + t/tau)
+        cls = decaying_gain_variant(kw.get("gain", 1.0), kw.get("tau", 1e30), kw.get("eta0"))
         opt._pulse = cls(opt._pulse.initial_scope, opt.noise_floor, opt.stop_thresholds, rule_kind=opt.rule_kind)
         return
     if name == "anchor":  # the library's adaptive pulse, cosine against a moving anchor
