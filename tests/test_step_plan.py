@@ -108,3 +108,85 @@ def test_a_reused_plan_raises_what_a_fresh_one_raises_and_changes_nothing(case):
     if case == "data_shape":
         params[2].data = snap[0][2].clone()
     assert_unchanged(params, opt, snap)
+
+
+def _replace(opt, p, how):
+    if how == "in place":
+        for value in opt.state[p].values():
+            value.zero_()
+    elif how == "assigned":
+        opt.state[p]["m"], opt.state[p]["v"] = torch.zeros_like(p), torch.zeros_like(p)
+    elif how == "emptied":
+        opt.state[p] = {}
+    else:
+        del opt.state[p]
+
+
+@pytest.mark.parametrize("how", ["assigned", "emptied", "deleted"])
+def test_a_state_replaced_between_steps_is_used_like_an_in_place_change(how):
+    # The step keeps views of the states between steps: an assigned state (ReLoRA-style resets)
+    # was ignored while state_dict() saved it. A stack member and the lone parameter, reset by
+    # assignment / an emptied or deleted state (fresh zeros), step as zeroing them in place does.
+    runs = []
+    for mode in ("in place", how):
+        params = make_params()
+        opt = emoq.EmoSens(params)
+        train(params, opt, 2)
+        for p in (params[0], params[-1]):
+            _replace(opt, p, mode)
+        train(params, opt, 2, seed=3)
+        runs.append((params, opt.state_dict()["state"]))
+    (a, sa), (b, sb) = runs
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[i][n], sb[i][n]) for i in sa for n in sa[i])
+
+
+def test_a_replaced_lowbit_state_is_quantized_as_a_loaded_one_is():
+    from emoq.states import precision_of
+
+    runs = []
+    for via in ("load_state_dict", "assignment"):
+        params = make_params()
+        opt = emoq.EmoSens(params, state_precision="8bit", min_lowbit_size=0)
+        train(params, opt, 2)
+        if via == "assignment":
+            opt.state[params[0]]["m"] = torch.full_like(params[0], 0.01)
+        else:
+            saved = opt.state_dict()
+            saved["state"][0]["m"] = torch.full_like(params[0], 0.01)
+            opt.load_state_dict(saved)
+        train(params, opt, 2, seed=3)
+        assert precision_of(opt.state[params[0]]["m"]) == "8bit"
+        runs.append(params)
+    assert all(torch.equal(x, y) for x, y in zip(*runs))
+
+
+@pytest.mark.parametrize("bad, match", [(torch.zeros(3), r"state 'm' of parameter 0 \(shape \(8, 64\)\) has shape"),
+                                        (torch.full((8, 64), float("nan")), "NaN"),
+                                        ("not a tensor", "state 'm' of parameter 0")])
+def test_an_invalid_replaced_state_is_refused_before_anything_changes(bad, match):
+    params = make_params()
+    opt = emoq.EmoSens(params)
+    train(params, opt, 2)
+    opt.state[params[0]]["m"] = bad
+    for p in params:
+        p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for p in params], opt.emo_pulse.state_dict(), opt.state[params[1]]["m"].clone()
+    with pytest.raises(ValueError, match="written since the last step") as err:
+        opt.step(loss=1.0)
+    assert err.match(match)
+    assert all(torch.equal(a, b) for a, b in zip(params, before[0]))
+    assert opt.emo_pulse.state_dict() == before[1] and torch.equal(opt.state[params[1]]["m"], before[2])
+    assert opt.state[params[0]]["m"] is bad
+    opt.state[params[0]]["m"] = torch.zeros_like(params[0])  # mended: it steps
+    opt.step(loss=1.0)
+    assert not torch.equal(params[0], before[0][0])
+
+
+def test_a_state_replaced_by_a_non_dict_is_refused():
+    params = make_params()
+    opt = emoq.EmoSens(params)
+    train(params, opt, 1)
+    opt.state[params[2]] = [1, 2]
+    with pytest.raises(ValueError, match=r"state of parameter 2 .* replaced by a list"):
+        opt.step(loss=1.0)

@@ -13,6 +13,7 @@ import functools
 import math
 import numbers
 import warnings
+from collections import defaultdict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from itertools import chain
@@ -232,6 +233,71 @@ class Unit:
         return kept
 
 
+_EVERY = object()
+"""Noted in :class:`_WatchedStates`' set when a write may have touched any parameter's states."""
+
+
+class _WatchedState(dict):
+    """One parameter's state dict; a write into it notes the parameter in its optimizer's set
+    (``EmoOptimizer._adopt_replaced_states``). Pickles and copies as a plain dict."""
+
+    def __init__(self, written: set, key: Any, *args: Any) -> None:
+        super().__init__(*args)
+        self.written, self.key = written, key
+
+    def __reduce__(self) -> tuple:
+        return dict, (dict(self),)
+
+
+class _WatchedStates(defaultdict):
+    """``Optimizer.state`` of an emoq optimizer: a missing parameter gets a :class:`_WatchedState`
+    (as torch's ``defaultdict(dict)`` gets a dict), and a write notes the parameter (or
+    :data:`_EVERY`). Pickles and copies as torch's plain ``defaultdict(dict)``."""
+
+    def __init__(self, written: set, items: Any = ()) -> None:
+        super().__init__(None)
+        self.written = written
+        for key, value in dict(items).items():
+            self[key] = value
+
+    def __missing__(self, key: Any) -> _WatchedState:
+        value = _WatchedState(self.written, key)
+        dict.__setitem__(self, key, value)  # a state created by reading it: nothing to check
+        return value
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        if isinstance(value, dict) and not (type(value) is _WatchedState and value.written is self.written
+                                            and value.key is key):
+            value = _WatchedState(self.written, key, value)  # the caller's dict is not modified
+        self.written.add(key)
+        dict.__setitem__(self, key, value)
+
+    def __reduce__(self) -> tuple:
+        return defaultdict, (dict,), None, None, iter((k, dict(v) if isinstance(v, dict) else v)
+                                                       for k, v in self.items())
+
+
+def _noting(cls: type, name: str, every: bool) -> None:
+    base = getattr(dict, name)
+
+    @functools.wraps(base)
+    def method(self: Any, *args: Any, **kwargs: Any) -> Any:
+        written = getattr(self, "written", None)  # unset while unpickling
+        if written is not None:
+            written.add(_EVERY if every else (self.key if isinstance(self, _WatchedState) else args[0]))
+        return base(self, *args, **kwargs)
+
+    setattr(cls, name, method)
+
+
+for _name in ("__setitem__", "__delitem__", "pop", "popitem", "clear", "update", "setdefault", "__ior__"):
+    _noting(_WatchedState, _name, every=False)
+for _name in ("__delitem__", "pop"):
+    _noting(_WatchedStates, _name, every=False)
+for _name in ("popitem", "clear", "update", "setdefault", "__ior__"):
+    _noting(_WatchedStates, _name, every=True)
+
+
 class EmoOptimizer(Optimizer):
     """Base of EmoSens, EmoAiry, EmoCats and EmoTion (not used directly).
 
@@ -310,6 +376,7 @@ class EmoOptimizer(Optimizer):
         self.skipped_steps = 0
         self._warned_skip = False
         super().__init__(params, defaults)
+        self._watch_states()
 
     @classmethod
     def _family_name(cls) -> str:
@@ -543,6 +610,7 @@ class EmoOptimizer(Optimizer):
     @torch.compiler.disable(reason="an emoq step runs eagerly (its low-bit kernels are compiled on their own)")
     @torch.no_grad()
     def _step(self, closure: Callable[[], Any] | None, loss: Any) -> Any:
+        self._adopt_replaced_states()
         if closure is None and loss is None and self._is_state_init_step():
             self._init_states()
             return None
@@ -582,6 +650,49 @@ class EmoOptimizer(Optimizer):
             for _, unit in units:  # zero_grad(set_to_none=True), through the next backward (+1x gradient memory)
                 unit.grads.clear()
                 unit.g, unit.stats = None, ()
+            self._written.clear()  # this step's own writes into the states
+
+    def _adopt_replaced_states(self) -> None:
+        """Take states written from outside since the last step as :meth:`load_state_dict` takes
+        saved ones.
+
+        The step keeps plain views of every state between steps (its cached plans and stacks), so
+        ``opt.state[p]["m"] = t``, ``opt.state[p] = {}`` or ``del opt.state[p]`` (ReLoRA-style
+        resets) would otherwise be ignored while ``state_dict()`` saved the new values. The state
+        dicts note such writes (:class:`_WatchedStates`; nothing to check when there were none);
+        a written parameter's states are checked and rebuilt through the storage policy
+        (quantized for a low-bit optimizer) like saved ones, an emptied state starts afresh as in
+        torch, and an invalid one raises ``ValueError`` naming it before anything changes. An
+        ``opt.state`` replaced as a whole is taken the same way for every parameter. In-place
+        changes (``opt.state[p]["m"].zero_()``) need none of this.
+        """
+        state, written = self.state, self._written
+        whole = not (type(state) is _WatchedStates and state.written is written) or _EVERY in written
+        if not whole and not written:
+            return
+        params = self._params_by_index()
+        index = {p: i for i, p in enumerate(params)}
+        todo = params if whole else [p for p in written if p in index]  # others are stepped by no group
+        rebuilt = {}
+        for p in todo:
+            now = state.get(p) if isinstance(state, dict) else None
+            where = f"parameter {index[p]} (shape {tuple(p.shape)})"
+            if now is not None and not isinstance(now, dict):
+                raise ValueError(f"{type(self).__name__}: the state of {where} was replaced by a "
+                                 f"{type(now).__name__}, not a dict")
+            try:
+                rebuilt[p] = self._check_param_state(p, self._export_state(p, now or {}), where, self.compensation)
+            except ValueError as err:
+                err_text = str(err).removeprefix("state_dict: ")
+                raise ValueError(f"{type(self).__name__}: a state written since the last step: {err_text} (change "
+                                 "states in place, e.g. opt.state[p]['m'].zero_(), or use load_state_dict)") from None
+        if whole:  # everything checked: a fresh watched container, keeping any other key it held
+            others = {k: v for k, v in state.items() if k not in index} if isinstance(state, dict) else {}
+            self.state = _WatchedStates(written, others)
+        for p, st in rebuilt.items():
+            self.state[p] = st
+        self._reset_caches()
+        written.clear()
 
     def _is_state_init_step(self) -> bool:
         """Whether this ``step()`` is torch.distributed.checkpoint's state initialisation.
@@ -605,6 +716,7 @@ class EmoOptimizer(Optimizer):
                 state = self.state[p]
                 if not state:
                     self._init_state(p, state)
+        self._written.clear()
 
     def _layout(self, p: Tensor) -> Layout:
         layout = self._layouts.get(p)
@@ -859,6 +971,12 @@ class EmoOptimizer(Optimizer):
         self._stacked_in: dict[Tensor, tuple] = {}
         self._layouts: dict[Tensor, Layout] = {}  # how each parameter is split over ranks (emoq.distributed)
 
+    def _watch_states(self) -> None:
+        """Make ``self.state`` a :class:`_WatchedStates` (after torch set a plain one), nothing noted."""
+        self._written: set = set()
+        self.state = _WatchedStates(self._written, self.state)
+        self._written.clear()
+
     # ------------------------------------------------------------------ checkpoints
     def _params_by_index(self) -> list[Tensor]:
         """Parameters in the order torch numbers them in ``state_dict()``."""
@@ -871,6 +989,18 @@ class EmoOptimizer(Optimizer):
         if spec is None:  # shadow, residual: shaped like the parameter
             return layout, layout.state(tuple(p.shape), True), None
         return layout, layout.state(spec.shape, spec.per_row), spec
+
+    def _export_state(self, p: Tensor, st: dict[str, Any]) -> dict[str, Any]:
+        """One parameter's states as ``state_dict()`` saves them (plain tensors; others as they are)."""
+        exported = {}
+        for name, value in st.items():
+            if not isinstance(value, Tensor):
+                exported[name] = value
+                continue
+            layout, st_layout, spec = self._state_layout(p, name)
+            plain = value if spec is None else self._storage.export(value)
+            exported[name] = layout.export(plain, st_layout)
+        return exported
 
     def _emo_record(self) -> dict[str, Any]:
         return {
@@ -901,15 +1031,7 @@ class EmoOptimizer(Optimizer):
         params = self._params_by_index()
         state = {}
         for pid, st in sd["state"].items():
-            p, exported = params[pid], {}
-            for name, value in st.items():
-                if not isinstance(value, Tensor):
-                    exported[name] = value
-                    continue
-                layout, st_layout, spec = self._state_layout(p, name)
-                plain = value if spec is None else self._storage.export(value)
-                exported[name] = layout.export(plain, st_layout)
-            state[pid] = exported
+            state[pid] = self._export_state(params[pid], st)
         sd["state"] = state
         record = self._emo_record()
         for group in sd["param_groups"]:
@@ -939,6 +1061,7 @@ class EmoOptimizer(Optimizer):
             self.state[p] = st
             self._state_shapes[p] = p.shape
         self._reset_caches()
+        self._written.clear()
         self._pulse.load_state_dict(pulse)
         self.skipped_steps = skipped
         self._recorded_sum, self._recorded_count = recorded
@@ -1080,10 +1203,11 @@ class EmoOptimizer(Optimizer):
         # torch keeps only defaults/state/param_groups, which leaves a pickled emoq optimizer
         # without its pulse, storage and counters: keep everything but the step caches (compiled
         # functions, state views), rebuilt on demand
-        return {k: v for k, v in self.__dict__.items() if k not in ("_runner",) + self._CACHES}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_runner", "_written") + self._CACHES}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self._watch_states()
         self._runner = Runner(compile=None if self.__dict__.get("fused") is not False else False)
         self._reset_caches()
 
@@ -1099,4 +1223,5 @@ class EmoOptimizer(Optimizer):
             new.__dict__[key] = copy.deepcopy(value, memo)
         new._runner = Runner(self._runner.compile)  # compiled functions are shared process-wide anyway
         new._reset_caches()
+        new._watch_states()
         return new
