@@ -190,3 +190,24 @@ def test_a_state_replaced_by_a_non_dict_is_refused():
     opt.state[params[2]] = [1, 2]
     with pytest.raises(ValueError, match=r"state of parameter 2 .* replaced by a list"):
         opt.step(loss=1.0)
+
+
+def test_a_replaced_state_container_starts_every_parameter_afresh_or_is_refused():
+    from collections import defaultdict
+
+    runs = []
+    for replace in (False, True):
+        params = make_params()
+        opt = emoq.EmoSens(params)
+        train(params, opt, 2)
+        if replace:
+            opt.state = defaultdict(dict)
+        else:
+            for p in params:
+                _replace(opt, p, "in place")
+        train(params, opt, 2, seed=3)
+        runs.append(params)
+    assert all(torch.equal(x, y) for x, y in zip(*runs))
+    opt.state = None
+    with pytest.raises(TypeError, match="must be a dict"):
+        opt.step(loss=1.0)

@@ -670,12 +670,15 @@ class EmoOptimizer(Optimizer):
         whole = not (type(state) is _WatchedStates and state.written is written) or _EVERY in written
         if not whole and not written:
             return
+        if not isinstance(state, dict):
+            raise TypeError(f"{type(self).__name__}.state must be a dict of per-parameter dicts, got "
+                            f"{type(state).__name__}")
         params = self._params_by_index()
         index = {p: i for i, p in enumerate(params)}
         todo = params if whole else [p for p in written if p in index]  # others are stepped by no group
         rebuilt = {}
         for p in todo:
-            now = state.get(p) if isinstance(state, dict) else None
+            now = state.get(p)
             where = f"parameter {index[p]} (shape {tuple(p.shape)})"
             if now is not None and not isinstance(now, dict):
                 raise ValueError(f"{type(self).__name__}: the state of {where} was replaced by a "
@@ -687,10 +690,11 @@ class EmoOptimizer(Optimizer):
                 raise ValueError(f"{type(self).__name__}: a state written since the last step: {err_text} (change "
                                  "states in place, e.g. opt.state[p]['m'].zero_(), or use load_state_dict)") from None
         if whole:  # everything checked: a fresh watched container, keeping any other key it held
-            others = {k: v for k, v in state.items() if k not in index} if isinstance(state, dict) else {}
-            self.state = _WatchedStates(written, others)
+            self.state = _WatchedStates(written, {k: v for k, v in state.items() if k not in index})
         for p, st in rebuilt.items():
             self.state[p] = st
+            if st:
+                self._state_shapes[p] = p.shape
         self._reset_caches()
         written.clear()
 
