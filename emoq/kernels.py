@@ -29,6 +29,7 @@ step runs eagerly: the same function, the reference path, only slower.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import types
@@ -42,7 +43,16 @@ from torch import Tensor
 
 from emoq import compensate
 from emoq.arith import Hyper
-from emoq.states import LOWBIT, dequantize_parts, dither, dither_seed, quantize_parts_, rounds_stochastically
+from emoq.states import (
+    LOWBIT,
+    dequantize_parts,
+    dither,
+    dither_seed,
+    quantize_8bit,
+    quantize_parts_,
+    rounds_stochastically,
+    scale_8bit,
+)
 
 SMALL = 1 << 16  # parameters with fewer elements are stacked with the same-shape ones
 SCRATCH_MIN, SCRATCH_MAX = 1 << 21, 1 << 22
@@ -178,12 +188,16 @@ def param_stats(stats: Callable[..., tuple[Tensor, ...]], extent: Extent, g: Ten
 
 def param_step(rule: Callable[..., Any], opts: dict, sig: ParamSig, p: Tensor, g: Tensor,
                stats: tuple[Tensor, ...], parts: Sequence[Sequence[Tensor]], residual: Tensor | None, h: Hyper,
-               before: Callable[[Tensor], None] | None = None, scratch: Sequence[Tensor] = ()) -> None:
+               before: Callable[[Tensor], None] | None = None, scratch: Sequence[Tensor] = (),
+               into: Sequence[Tensor] = ()) -> list[Tensor]:
     """One step of one parameter: load states → ``rule`` → store states and the parameter.
 
     ``before(x)`` (eager only) runs on the fp32 working value first (the optional shadow).
     With ``scratch`` (one fp32 tensor per low-bit state, in order): the new values of the low-bit
     states are written there instead of being quantized (:func:`store_lowbit` does that next).
+    With ``into`` (one codes tensor per 8-bit state, in order): their codes are written there and their
+    block peaks returned, in order (the one-pass step, :meth:`Runner._one_pass`; :func:`write_scales`
+    writes their scales); otherwise returns ``[]``.
     """
     x = compensate.working_value(p, residual, sig.compensation)
     if before is not None:
@@ -192,22 +206,45 @@ def param_step(rule: Callable[..., Any], opts: dict, sig: ParamSig, p: Tensor, g
         g = g.float()
     states = tuple(load_state(layout, st) for layout, st in zip(sig.layouts, parts))
     x_new, new_states = rule(x, g, states, stats, h, sig.extent, **opts)
-    kept = iter(scratch)
+    kept, outs, peaks = iter(scratch), iter(into), []
     for which, (layout, st, value) in enumerate(zip(sig.layouts, parts, new_states)):
         if scratch and layout.precision in LOWBIT:
             next(kept).view(value.shape).copy_(value)
+        elif into and layout.precision == "8bit":
+            codes, peak = quantize_8bit(layout.signed, value, st[1].numel(), st[2], st[3] if len(st) > 3 else None)
+            next(outs).view(codes.shape).copy_(codes)
+            peaks.append(peak)
         else:
             store_state(layout, st, value, h.step, which)
     compensate.store_value(p, x_new, residual, sig.compensation)
+    return peaks
 
 
 def store_lowbit(sig: ParamSig, parts: Sequence[Sequence[Tensor]], scratch: Sequence[Tensor],
-                 step: float | Tensor) -> None:
-    """Quantize the low-bit states' new values from ``scratch`` (see :func:`param_step`)."""
-    kept = iter(scratch)
+                 step: float | Tensor) -> list[Tensor]:
+    """Quantize the low-bit states' new values from ``scratch`` (see :func:`param_step`). The block
+    peaks of 8-bit states are returned, in order, for the caller to write their scales
+    (:func:`write_scales`): a scale written here is a separate pass in compiled code, which keeps
+    inductor from reading each block once for both its scale and its codes."""
+    kept, peaks = iter(scratch), []
     for which, (layout, st) in enumerate(zip(sig.layouts, parts)):
-        if layout.precision in LOWBIT:
+        if layout.precision == "8bit":
+            codes, peak = quantize_8bit(layout.signed, next(kept), st[1].numel(), st[2], st[3] if len(st) > 3 else None)
+            st[0].view(codes.shape).copy_(codes)
+            peaks.append(peak)
+        elif layout.precision in LOWBIT:
             store_state(layout, st, next(kept), step, which)
+    return peaks
+
+
+def write_scales(sig: ParamSig, parts: Sequence[Sequence[Tensor]], peaks: Sequence[Tensor]) -> None:
+    """Write the scales of the 8-bit states' block ``peaks`` (from :func:`store_lowbit` or
+    :func:`param_step`) into their parts."""
+    new = iter(peaks)
+    for layout, st in zip(sig.layouts, parts):
+        if layout.precision == "8bit":
+            peak = next(new)
+            st[1].view(peak.shape).copy_(scale_8bit(layout.signed, peak))
 
 
 def _own_code(fn: Callable[..., Any], name: str) -> Callable[..., Any]:
@@ -232,10 +269,44 @@ def _make_phase_fns(rule: Callable[..., Any], opts: tuple, sig: ParamSig) -> tup
                              scratch: list) -> None:
         param_step(rule, options, sig, p, g, stats, parts, residual, Hyper.from_tensor(c), scratch=scratch)
 
-    def emoq_store_lowbit(parts: list, scratch: list, c: Tensor) -> None:
-        store_lowbit(sig, parts, scratch, Hyper.from_tensor(c).step)
+    def emoq_store_lowbit(parts: list, scratch: list, c: Tensor) -> list[Tensor]:
+        return store_lowbit(sig, parts, scratch, Hyper.from_tensor(c).step)
 
     return _own_code(emoq_step_to_scratch, "emoq_step_to_scratch"), _own_code(emoq_store_lowbit, "emoq_store_lowbit")
+
+
+def _make_one_pass_fn(rule: Callable[..., Any], opts: tuple, sig: ParamSig) -> Callable[..., None]:
+    options = dict(opts)
+
+    def emoq_step_one_pass(p: Tensor, g: Tensor, stats: tuple, parts: list, c: Tensor, into: list) -> list[Tensor]:
+        return param_step(rule, options, sig, p, g, stats, parts, None, Hyper.from_tensor(c), into=into)
+
+    return _own_code(emoq_step_one_pass, "emoq_step_one_pass")
+
+
+ONE_PASS_BLOCK = 256  # the 8-bit block
+ONE_PASS = True  # False: element-wise pieces take the two-call step (bench and tests compare both)
+
+
+def one_pass_sig(sig: ParamSig) -> ParamSig | None:
+    """``sig`` as blocks (``(n // 256, 256)``) for the one-pass step of an element-wise rule's flat
+    piece, or ``None`` where that step does not apply: a state that is not fp32 or 8-bit (nearest
+    rounding, blocks of 256), a shape other than the piece's, or fp32 values and gradients not
+    plain (compensated weights keep the other paths)."""
+    n = math.prod(sig.shape)
+    if (len(sig.shape) != 1 or n % ONE_PASS_BLOCK or sig.p_dtype != torch.float32 or sig.g_dtype != torch.float32
+            or sig.compensation != "none" or not any(lay.precision == "8bit" for lay in sig.layouts)
+            or any(lay.precision not in ("8bit", "fp32") or lay.shape != sig.shape or lay.members != 1
+                   for lay in sig.layouts)):
+        return None
+    shape = (n // ONE_PASS_BLOCK, ONE_PASS_BLOCK)
+    return _blocked(sig, shape)
+
+
+@functools.lru_cache(maxsize=256)
+def _blocked(sig: ParamSig, shape: tuple[int, int]) -> ParamSig:
+    return ParamSig(tuple(lay._replace(shape=shape) for lay in sig.layouts), Extent(shape), sig.p_dtype,
+                    sig.g_dtype, sig.compensation, shape)
 
 
 def _make_stats_fn(stats: Callable[..., tuple[Tensor, ...]], extent: Extent) -> Callable[..., tuple[Tensor, ...]]:
@@ -286,6 +357,7 @@ class Runner:
         self.compile = compile_enabled() if compile is None else bool(compile)
         self.failed = False
         self._scratch: dict[tuple[torch.device, int], Tensor] = {}  # (device, state number) -> fp32 buffer
+        self._codes: dict[tuple[torch.device, int], Tensor] = {}  # -> uint8 codes (the one-pass step)
 
     def __deepcopy__(self, memo: dict) -> Runner:
         return Runner(self.compile)
@@ -326,12 +398,18 @@ class Runner:
 
     def step(self, rule: Callable[..., Any], opts: dict, sig: ParamSig, p: Tensor, g: Tensor,
              stats: tuple[Tensor, ...], parts: list[list[Tensor]], residual: Tensor | None, h: Hyper,
-             c: Tensor | None = None, before: Callable[[Tensor], None] | None = None) -> None:
-        """One step of a parameter (or stack) ``p``; ``c`` is ``h`` as a tensor (compiled calls)."""
+             c: Tensor | None = None, before: Callable[[Tensor], None] | None = None,
+             elementwise: bool = False) -> None:
+        """One step of a parameter (or stack) ``p``; ``c`` is ``h`` as a tensor (compiled calls).
+        ``elementwise``: ``rule`` is element-wise and ``p`` a flat contiguous piece (the one-pass step
+        may apply, see :func:`one_pass_sig`)."""
         if before is None and self.compiling and (p.dtype not in compensate.LOW_PRECISION
                                                   or compiled_casts_round(p.dtype, p.device)):
             okey = tuple(sorted(opts.items()))
             c = h.as_tensor(p.device) if c is None else c
+            blocked = one_pass_sig(sig) if elementwise and residual is None and ONE_PASS else None
+            if blocked is not None:
+                return self._one_pass(rule, okey, sig, blocked, p, g, stats, parts, h, c)
             scratch = self.scratch(sig, p.device)
             if scratch is not None:
                 return self._two_phase(rule, okey, sig, p, g, stats, parts, residual, h, c, scratch)
@@ -367,11 +445,62 @@ class Runner:
             self._fail(rule, exc)
             param_step(rule, dict(okey), sig, p, g, stats, parts, residual, h)
             return
+        # 8-bit codes and values by blocks, so that each block is read once for its peak and its codes
+        lowbit = [(lay, st) for lay, st in zip(sig.layouts, parts) if lay.precision in LOWBIT]
+        by_block = [x.view(st[1].numel(), -1) if lay.precision == "8bit" else x
+                    for x, (lay, st) in zip(scratch, lowbit)]
+        blocked = [[st[0].view(st[1].numel(), -1), *st[1:]] if lay.precision == "8bit" else st
+                   for lay, st in zip(sig.layouts, parts)]
         try:
-            compiled[1](parts, scratch, c)
+            peaks = compiled[1](blocked, by_block, c)
         except Exception as exc:  # the parameter is written: finish the states from scratch eagerly
             self._fail(rule, exc)
-            store_lowbit(sig, parts, scratch, h.step)
+            peaks = store_lowbit(sig, parts, scratch, h.step)
+        write_scales(sig, parts, peaks)
+
+    def _one_pass(self, rule: Callable[..., Any], okey: tuple, sig: ParamSig, blocked: ParamSig, p: Tensor,
+                  g: Tensor, stats: tuple[Tensor, ...], parts: list[list[Tensor]], h: Hyper, c: Tensor) -> None:
+        """The compiled step of an element-wise rule's flat piece in one pass over its blocks of 256:
+        load → rule → parameter, and each block's scale and codes, in one loop (inductor's outer-loop
+        fusion keeps a block's new values in a local buffer; no temporary the size of the piece, no
+        scratch round trip). The new codes and scales go to buffers the runner keeps and are copied
+        into the states after the call: written in place, the states' codes would be read and written
+        by one graph, which inductor does not fuse that way. A failed compile has written nothing and
+        the step runs eagerly."""
+        rows, cols = blocked.shape
+        key = ("step", rule, okey, sig, "one pass")
+        compiled = _COMPILED.get(key)
+        if compiled is None:
+            compiled = _COMPILED[key] = torch.compile(_make_one_pass_fn(rule, okey, blocked), **COMPILE_OPTIONS)
+        views, into = [], []
+        for i, (layout, st) in enumerate(zip(sig.layouts, parts)):
+            if layout.precision == "8bit":
+                views.append([st[0].view(rows, cols), st[1].view(rows, 1), *st[2:]])
+                into.append(self._into(p.device, i, rows * cols).view(rows, cols))
+            else:
+                views.append([st[0].view(rows, cols)])
+        # the step's scalars once per block: with 0-dim scalars, inductor runs the parameter's update,
+        # which reads no per-block value, as a separate flat loop outside the per-block one
+        c_rows = c.view(-1, 1, 1).expand(c.numel(), rows, 1).contiguous()
+        try:
+            peaks = compiled(p.detach().view(rows, cols), g.view(rows, cols), stats, views, c_rows, into)
+        except Exception as exc:  # raised while compiling, before anything was written
+            self._fail(rule, exc)
+            param_step(rule, dict(okey), sig, p, g, stats, parts, None, h)
+            return
+        outs = iter(into)
+        for layout, st in zip(sig.layouts, parts):
+            if layout.precision == "8bit":
+                codes = next(outs)
+                st[0].view(codes.shape).copy_(codes)
+        write_scales(sig, parts, peaks)
+
+    def _into(self, device: torch.device, which: int, n: int) -> Tensor:
+        """``n`` uint8 of a buffer kept for the codes of state ``which`` (grown to the largest request)."""
+        buf = self._codes.get((device, which))
+        if buf is None or buf.numel() < n:
+            buf = self._codes[(device, which)] = torch.empty(n, dtype=torch.uint8, device=device)
+        return buf[:n]
 
     def _fail(self, what: Callable[..., Any], exc: Exception) -> None:
         self.failed = True

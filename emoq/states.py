@@ -193,6 +193,15 @@ def round_stochastic(x: Tensor, qmap_t: Tensor, u: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------- plain-part kernels
+def scale_8bit(signed: bool, peak: Tensor) -> Tensor:
+    """The block scales of an 8-bit state from the per-block peaks :func:`quantize_8bit` returns: torchao's
+    ``scale_tensor`` scale, the largest ``|x|`` of the block at least 1e-12 (NaN if the block holds one).
+    Unsigned states store ``sqrt(v)``; their peak is the largest ``v``, and ``sqrt(max v) = max sqrt(v)``
+    exactly (a correctly rounded square root is monotone), one square root per block instead of one
+    per element."""
+    return (peak if signed else sqrt(peak)).clamp_min(1e-12)
+
+
 def dequantize_parts(precision: str, signed: bool, codes: Tensor, scale: Tensor, qmap_t: Tensor | None,
                      numel: int) -> Tensor:
     """fp32 values (flat, ``numel`` long) of a low-bit state given as plain tensors.
@@ -214,6 +223,27 @@ def dequantize_parts(precision: str, signed: bool, codes: Tensor, scale: Tensor,
     return x.square() if not signed else x
 
 
+def quantize_8bit(signed: bool, x: Tensor, blocks: int, qmap_t: Tensor, table: Tensor | None = None
+                  ) -> tuple[Tensor, Tensor]:
+    """``(codes, peak)`` of the fp32 values ``x`` as an 8-bit state of ``blocks`` blocks: codes ``(blocks,
+    block)`` uint8 (unsigned: of ``sqrt(x)``) and the per-block peaks ``(blocks, 1)`` that
+    :func:`scale_8bit` turns into the scales. The 8-bit part of :func:`quantize_parts_`, with the
+    scales left to the caller: a compiled step returns the peaks (each block's reduction writes
+    its peak directly) and its blocks are then read once for both the peak and the codes."""
+    from torchao.optim.quant_utils import quantize_8bit_with_qmap
+
+    x = x.reshape(blocks, -1)
+    if signed:
+        x = x.clamp(-FP32_MAX, FP32_MAX)
+        peak = x.abs().amax(-1, keepdim=True)
+    else:
+        x = x.clamp(0.0, FP32_MAX)
+        peak = x.amax(-1, keepdim=True)
+        x = sqrt(x)
+    scaled = x / scale_8bit(signed, peak)
+    return (quantize_8bit_with_qmap(scaled, qmap_t) if table is None else encode(scaled, table)), peak
+
+
 def quantize_parts_(precision: str, signed: bool, codes: Tensor, scale: Tensor, qmap_t: Tensor | None,
                     x: Tensor, table: Tensor | None = None, u: Tensor | None = None) -> None:
     """Quantize the fp32 values ``x`` into ``codes``/``scale`` in place (unsigned: stores sqrt).
@@ -224,15 +254,17 @@ def quantize_parts_(precision: str, signed: bool, codes: Tensor, scale: Tensor, 
     Saturating: an inf is stored as the largest fp32 value, so a block scale is always finite
     and every code dequantizes to a finite value (squared, for unsigned states).
     """
-    from torchao.optim.quant_utils import quantize_4bit_with_qmap, quantize_8bit_with_qmap, scale_tensor
+    from torchao.optim.quant_utils import quantize_4bit_with_qmap, scale_tensor
 
+    if precision == "8bit":
+        q, peak = quantize_8bit(signed, x, scale.numel(), qmap_t, table)
+        codes.view(q.shape).copy_(q)
+        scale.view(peak.shape).copy_(scale_8bit(signed, peak))
+        return
     x = x.reshape(-1)
     x = sqrt(x.clamp(0.0, FP32_MAX)) if not signed else x.clamp(-FP32_MAX, FP32_MAX)
     block = x.numel() // scale.numel()
-    if precision == "8bit":
-        scaled, s = scale_tensor(x, block)
-        codes.view(-1).copy_(quantize_8bit_with_qmap(scaled, qmap_t) if table is None else encode(scaled, table))
-    elif precision == "4bit":
+    if precision == "4bit":
         scaled, s = scale_tensor(x, block)
         if u is not None:
             q = round_stochastic(scaled, qmap_t, u.reshape(-1))

@@ -432,3 +432,76 @@ def test_large_parameters_stepped_in_pieces_equal_whole_steps(cls, precision, mo
         assert n1 == n2 and torch.equal(a, b), n1
     stochastic = precision == "4bit"  # EmoSens' m and EmoCats' m are signed
     assert piece_shapes == ({(40, 64)} if stochastic else {(768,), (256,)})
+
+
+def _train_special(params, opt, steps=4):
+    """Gradients with whole blocks of zeros, tiny and huge values (8-bit scales at their 1e-12 floor,
+    subnormal squares, squares near 1e30)."""
+    g = torch.Generator().manual_seed(5)
+    for i in range(steps):
+        grad = torch.randn(params[0].shape, generator=g)
+        grad[:4] = 0.0
+        grad[4:8] *= 1e-22
+        grad[8:12] *= 1e15
+        params[0].grad = grad
+        opt.step(loss=2.0 / (1 + 0.1 * i))
+
+
+@pytest.mark.parametrize("cls", [emoq.EmoSens, emoq.EmoCats])
+def test_one_pass_pieces_equal_the_two_call_step_and_the_reference(cls, monkeypatch):
+    # The 8-bit pieces of a large parameter (CHUNK lowered to 768 elements) are stepped in one
+    # compiled pass over their blocks (Runner._one_pass): parameters and states bit for bit those
+    # of the two-call step (rule -> fp32 scratch -> quantize, kernels.ONE_PASS off) and of the
+    # reference path; no fp32 scratch, the codes go through buffers allocated once.
+    monkeypatch.setattr(base, "CHUNK", 768)
+    monkeypatch.setattr(kernels, "SCRATCH_MIN", 1)  # pieces not stepped in one pass take two calls
+
+    def run(one_pass, fused=True):
+        monkeypatch.setattr(kernels, "ONE_PASS", one_pass)
+        params = make_params([(40, 64)])
+        opt = cls(params, fused=fused, state_precision="8bit", min_lowbit_size=0)
+        _train_special(params, opt, 2)
+        ptrs = {k: b.data_ptr() for k, b in opt._runner._codes.items()}
+        _train_special(params, opt, 2)
+        assert ptrs == {k: b.data_ptr() for k, b in opt._runner._codes.items()}
+        return params, opt
+
+    one, o_one = run(True)
+    two, o_two = run(False)
+    ref, o_ref = run(True, fused=False)
+    assert o_one._runner._codes and not o_one._runner._scratch
+    assert o_two._runner._scratch and not o_two._runner._codes
+    assert any(k[-1] == "one pass" for k in kernels._COMPILED)
+    for other, o_other in ((two, o_two), (ref, o_ref)):
+        assert all(torch.equal(a, b) for a, b in zip(one, other))
+        for (n1, a), (n2, b) in zip(_lowbit_state_values(o_one, one), _lowbit_state_values(o_other, other)):
+            assert n1 == n2 and torch.equal(a, b), n1
+    assert float(o_one.state[one[0]]["m"].scale.min()) == float(torch.tensor(1e-12))  # the zero blocks
+
+
+def test_one_pass_compile_failure_leaves_nothing_written(monkeypatch):
+    # A one-pass call that fails to compile has written nothing: the step runs eagerly (the
+    # reference path's result), and the failure warns once.
+    real = torch.compile
+
+    def compile_failing(fn, **kw):
+        if fn.__name__ == "emoq_step_one_pass":
+            def broken(*args, **kwargs):
+                raise RuntimeError("no C++ compiler")
+            return broken
+        return real(fn, **kw)
+
+    monkeypatch.setattr(base, "CHUNK", 768)
+    monkeypatch.setattr(kernels, "_COMPILED", {})
+    monkeypatch.setattr(kernels.torch, "compile", compile_failing)
+    fast = make_params([(40, 64)])
+    with pytest.warns(RuntimeWarning, match="torch.compile of .* failed") as rec:
+        opt = emoq.EmoSens(fast, state_precision="8bit", min_lowbit_size=0)
+        _train_special(fast, opt, 3)
+    assert sum("torch.compile" in str(w.message) for w in rec) == 1
+    ref = make_params([(40, 64)])
+    o_ref = emoq.EmoSens(ref, fused=False, state_precision="8bit", min_lowbit_size=0)
+    _train_special(ref, o_ref, 3)
+    assert all(torch.equal(a, b) for a, b in zip(fast, ref))
+    for (n1, a), (n2, b) in zip(_lowbit_state_values(opt, fast), _lowbit_state_values(o_ref, ref)):
+        assert n1 == n2 and torch.equal(a, b), n1

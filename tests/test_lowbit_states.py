@@ -205,3 +205,53 @@ def test_zero_state_equals_quantized_zeros(precision, shape):
     assert torch.equal(codes.view(torch.uint8), want_codes.view(torch.uint8))
     assert torch.equal(scale, want_scale)
     assert torch.equal(st.load(st.zeros(shape, signed=True, device="cpu")), torch.zeros(shape))
+
+
+def _special_blocks(signed: bool) -> torch.Tensor:
+    """16 blocks of 256: zeros, -0, subnormals, values around the 1e-12 scale floor, +-inf among
+    normals, a NaN, values near fp32's largest, and a wide random range."""
+    tiny = torch.finfo(torch.float32).tiny
+    x = wide_range(16 * 256, True, seed=11).view(16, 256).clone()
+    x[0] = 0.0
+    x[1] = -0.0
+    x[1, ::3] = 0.0
+    x[2] = torch.linspace(-3, 3, 256) * tiny / 8  # subnormals
+    x[3] = torch.tensor([1e-12, 9.999999e-13, 1.0000001e-12, -1e-12]).repeat(64)
+    x[4, ::17] = float("inf")
+    x[4, 5::17] = -float("inf")
+    x[5, 100] = float("nan")
+    x[6] = torch.linspace(-3.4e38, 3.4e38, 256, dtype=torch.float64).float()
+    x[7] = torch.linspace(-1, 1, 256)
+    return (x if signed else x.abs() * torch.where(torch.arange(256) % 5 == 0, -1.0, 1.0)).reshape(-1)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_blockwise_8bit_quantization_equals_torchaos_composition(signed, compiled):
+    # quantize_8bit + scale_8bit (the clip taken after the block max, and for unsigned states the
+    # square root of the largest value rather than the largest square root, so that a compiled step
+    # reads each block once) give the codes and scales of the composition they replace: saturate,
+    # sqrt for unsigned states, torchao's scale_tensor, the table encode; bit for bit, NaN, -0,
+    # subnormals, infinities and blocks of zeros included, eager and compiled.
+    from torchao.optim.quant_utils import scale_tensor
+
+    from emoq.arith import sqrt
+    from emoq.kernels import COMPILE_OPTIONS
+    from emoq.states import FP32_MAX, encode, encode_table, quantize_8bit, scale_8bit
+
+    values = qmap("8bit", signed)
+    table, q = encode_table(values), torch.tensor(values)
+    x = _special_blocks(signed)
+
+    def ours(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        codes, peak = quantize_8bit(signed, x, 16, q, table)
+        return codes.reshape(-1), scale_8bit(signed, peak).reshape(-1)
+
+    codes, scale = (torch.compile(ours, **COMPILE_OPTIONS) if compiled else ours)(x)
+    y = x.clamp(-FP32_MAX, FP32_MAX) if signed else sqrt(x.clamp(0.0, FP32_MAX))
+    scaled, want_scale = scale_tensor(y, 256)
+    assert torch.equal(codes, encode(scaled, table))
+    nan = want_scale.isnan()  # NaN where the block holds one (its payload may differ)
+    assert torch.equal(scale.isnan(), nan) and bool(nan[5]) and int(nan.sum()) == 1
+    assert torch.equal(scale[~nan].view(torch.int32), want_scale[~nan].view(torch.int32))
+    assert float(scale[0]) == float(scale[1]) == float(torch.tensor(1e-12))
