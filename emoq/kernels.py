@@ -14,8 +14,9 @@ weights). That function runs
   set of hundreds of small tensors is a handful of calls and a handful of compiles (one per
   distinct shape), not hundreds. Rules take a parameter or a stack of them along leading dims
   (``emoq.arith.param_dims``). A large parameter of an element-wise rule with low-bit states is
-  stepped in block-aligned pieces (``emoq.optim.base.CHUNK``), each in two calls through kept
-  scratch (``SCRATCH_MIN``);
+  stepped in block-aligned pieces (``emoq.optim.base.CHUNK``): with 8-bit states each piece in
+  one pass over its blocks of 256 (``Runner._one_pass``), with fp8 or 4-bit states in two calls
+  through kept scratch (``SCRATCH_MIN``);
 - **eagerly**, one parameter at a time, with Python-float scalars (``fused=False``,
   ``EMOQ_COMPILE=0``, or after a compile failure): the reference path.
 

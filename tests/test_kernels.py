@@ -505,3 +505,16 @@ def test_one_pass_compile_failure_leaves_nothing_written(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(fast, ref))
     for (n1, a), (n2, b) in zip(_lowbit_state_values(opt, fast), _lowbit_state_values(o_ref, ref)):
         assert n1 == n2 and torch.equal(a, b), n1
+
+
+def test_bench_two_call_variant_restores_one_pass(monkeypatch):
+    # bench.onepass times the two-call step by switching kernels.ONE_PASS off around each step;
+    # it is on again after the step, also when the step raises.
+    from bench.onepass import two_call
+
+    seen = []
+    monkeypatch.setattr(emoq.EmoSens, "step", lambda self, *a, **k: seen.append(kernels.ONE_PASS) or 1 / 0)
+    opt = two_call(emoq.EmoSens)(make_params([(8, 32)]))
+    with pytest.raises(ZeroDivisionError):
+        opt.step(loss=1.0)
+    assert seen == [False] and kernels.ONE_PASS is True
