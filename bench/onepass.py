@@ -1,10 +1,10 @@
 """8-bit step on one 4096 x 4096 weight: the one-pass step vs the two-call step, interleaved.
 
 Element-wise rules (EmoSens, EmoCats) step a large parameter in pieces; with 8-bit states each
-piece runs in one compiled pass over its blocks (``emoq.kernels.Runner._one_pass``, the default),
-or, with ``emoq.kernels.ONE_PASS`` off, in two compiled calls through fp32 scratch (the step
-before). Both, and torch's fused AdamW, are timed round-robin in one process (``bench.speed``'s
-``--interleave``), so all meet the same load; the results are bit-identical (tests/test_kernels.py).
+piece runs in two compiled calls through fp32 scratch (the default) or, with
+``emoq.kernels.ONE_PASS`` on, in one compiled pass over its blocks (``Runner._one_pass``). Both,
+and torch's fused AdamW, are timed round-robin in one process (``bench.speed``'s ``--interleave``),
+so all meet the same load; the results are bit-identical (tests/test_kernels.py).
 
     python -m bench.onepass [--steps 11] [--warmup 3] [--threads 2]
 
@@ -20,19 +20,19 @@ from bench import common
 from bench.speed import time_interleaved
 
 
-def two_call(cls: type) -> type:
-    """``cls`` whose steps run with ``emoq.kernels.ONE_PASS`` off (the two-call step)."""
+def with_one_pass(cls: type, on: bool) -> type:
+    """``cls`` whose steps run with ``emoq.kernels.ONE_PASS`` set to ``on`` (restored after each step)."""
     from emoq import kernels
 
-    class TwoCall(cls):  # type: ignore[misc, valid-type]
+    class Switched(cls):  # type: ignore[misc, valid-type]
         def step(self, *args: Any, **kwargs: Any) -> Any:
-            kernels.ONE_PASS = False
+            before, kernels.ONE_PASS = kernels.ONE_PASS, on
             try:
                 return super().step(*args, **kwargs)
             finally:
-                kernels.ONE_PASS = True
+                kernels.ONE_PASS = before
 
-    return TwoCall
+    return Switched
 
 
 def makers() -> dict:
@@ -41,8 +41,8 @@ def makers() -> dict:
     out = {"torch AdamW fused": common.peer_optimizers()["torch AdamW fused"]}
     for name in ("EmoSens", "EmoCats"):
         cls = getattr(emoq, name)
-        out[f"{name} 8bit one pass"] = lambda ps, cls=cls: cls(ps, state_precision="8bit")
-        out[f"{name} 8bit two calls"] = lambda ps, cls=cls: two_call(cls)(ps, state_precision="8bit")
+        out[f"{name} 8bit one pass"] = lambda ps, cls=cls: with_one_pass(cls, True)(ps, state_precision="8bit")
+        out[f"{name} 8bit two calls"] = lambda ps, cls=cls: with_one_pass(cls, False)(ps, state_precision="8bit")
     return out
 
 

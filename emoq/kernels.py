@@ -14,9 +14,8 @@ weights). That function runs
   set of hundreds of small tensors is a handful of calls and a handful of compiles (one per
   distinct shape), not hundreds. Rules take a parameter or a stack of them along leading dims
   (``emoq.arith.param_dims``). A large parameter of an element-wise rule with low-bit states is
-  stepped in block-aligned pieces (``emoq.optim.base.CHUNK``): with 8-bit states each piece in
-  one pass over its blocks of 256 (``Runner._one_pass``), with fp8 or 4-bit states in two calls
-  through kept scratch (``SCRATCH_MIN``);
+  stepped in block-aligned pieces (``emoq.optim.base.CHUNK``), each in two calls through kept
+  scratch (``SCRATCH_MIN``; 8-bit pieces optionally in one pass over their blocks, ``ONE_PASS``);
 - **eagerly**, one parameter at a time, with Python-float scalars (``fused=False``,
   ``EMOQ_COMPILE=0``, or after a compile failure): the reference path.
 
@@ -286,7 +285,11 @@ def _make_one_pass_fn(rule: Callable[..., Any], opts: tuple, sig: ParamSig) -> C
 
 
 ONE_PASS_BLOCK = 256  # the 8-bit block
-ONE_PASS = True  # False: element-wise pieces take the two-call step (bench and tests compare both)
+ONE_PASS = False
+"""Whether the 8-bit pieces of an element-wise rule's large parameter take the one-pass step
+(:meth:`Runner._one_pass`) instead of the two-call step. Off by default: measured on the 2-core CPU
+(``python -m bench.onepass``, bench/README.md "speed"), it was 4-8 % faster on one thread and 1-16 %
+slower on two, the default benchmark's setting. Bit-identical either way."""
 
 
 def one_pass_sig(sig: ParamSig) -> ParamSig | None:

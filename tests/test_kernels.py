@@ -449,10 +449,10 @@ def _train_special(params, opt, steps=4):
 
 @pytest.mark.parametrize("cls", [emoq.EmoSens, emoq.EmoCats])
 def test_one_pass_pieces_equal_the_two_call_step_and_the_reference(cls, monkeypatch):
-    # The 8-bit pieces of a large parameter (CHUNK lowered to 768 elements) are stepped in one
-    # compiled pass over their blocks (Runner._one_pass): parameters and states bit for bit those
-    # of the two-call step (rule -> fp32 scratch -> quantize, kernels.ONE_PASS off) and of the
-    # reference path; no fp32 scratch, the codes go through buffers allocated once.
+    # With kernels.ONE_PASS on, the 8-bit pieces of a large parameter (CHUNK lowered to 768
+    # elements) are stepped in one compiled pass over their blocks (Runner._one_pass): parameters
+    # and states bit for bit those of the two-call step (rule -> fp32 scratch -> quantize, the
+    # default) and of the reference path; no fp32 scratch, the codes go through buffers allocated once.
     monkeypatch.setattr(base, "CHUNK", 768)
     monkeypatch.setattr(kernels, "SCRATCH_MIN", 1)  # pieces not stepped in one pass take two calls
 
@@ -492,6 +492,7 @@ def test_one_pass_compile_failure_leaves_nothing_written(monkeypatch):
         return real(fn, **kw)
 
     monkeypatch.setattr(base, "CHUNK", 768)
+    monkeypatch.setattr(kernels, "ONE_PASS", True)
     monkeypatch.setattr(kernels, "_COMPILED", {})
     monkeypatch.setattr(kernels.torch, "compile", compile_failing)
     fast = make_params([(40, 64)])
@@ -507,14 +508,16 @@ def test_one_pass_compile_failure_leaves_nothing_written(monkeypatch):
         assert n1 == n2 and torch.equal(a, b), n1
 
 
-def test_bench_two_call_variant_restores_one_pass(monkeypatch):
-    # bench.onepass times the two-call step by switching kernels.ONE_PASS off around each step;
-    # it is on again after the step, also when the step raises.
-    from bench.onepass import two_call
+def test_bench_switch_restores_one_pass(monkeypatch):
+    # bench.onepass times both steps by setting kernels.ONE_PASS around each step; the setting
+    # before is restored after the step, also when the step raises.
+    from bench.onepass import with_one_pass
 
     seen = []
     monkeypatch.setattr(emoq.EmoSens, "step", lambda self, *a, **k: seen.append(kernels.ONE_PASS) or 1 / 0)
-    opt = two_call(emoq.EmoSens)(make_params([(8, 32)]))
-    with pytest.raises(ZeroDivisionError):
-        opt.step(loss=1.0)
-    assert seen == [False] and kernels.ONE_PASS is True
+    default = kernels.ONE_PASS
+    for on in (True, False):
+        opt = with_one_pass(emoq.EmoSens, on)(make_params([(8, 32)]))
+        with pytest.raises(ZeroDivisionError):
+            opt.step(loss=1.0)
+    assert seen == [True, False] and kernels.ONE_PASS is default
