@@ -186,6 +186,12 @@ def param_stats(stats: Callable[..., tuple[Tensor, ...]], extent: Extent, g: Ten
     return stats(g if g.dtype == torch.float32 else g.float(), extent)
 
 
+def _quantize_8bit(layout: StateLayout, st: Sequence[Tensor], value: Tensor) -> tuple[Tensor, Tensor]:
+    """``(codes, block peaks)`` of the new value of the 8-bit state ``st`` (its parts: codes, scale,
+    map, optional encode table): :func:`emoq.states.quantize_8bit` on the state's own blocks and map."""
+    return quantize_8bit(layout.signed, value, st[1].numel(), st[2], st[3] if len(st) > 3 else None)
+
+
 def param_step(rule: Callable[..., Any], opts: dict, sig: ParamSig, p: Tensor, g: Tensor,
                stats: tuple[Tensor, ...], parts: Sequence[Sequence[Tensor]], residual: Tensor | None, h: Hyper,
                before: Callable[[Tensor], None] | None = None, scratch: Sequence[Tensor] = (),
@@ -211,7 +217,7 @@ def param_step(rule: Callable[..., Any], opts: dict, sig: ParamSig, p: Tensor, g
         if scratch and layout.precision in LOWBIT:
             next(kept).view(value.shape).copy_(value)
         elif into and layout.precision == "8bit":
-            codes, peak = quantize_8bit(layout.signed, value, st[1].numel(), st[2], st[3] if len(st) > 3 else None)
+            codes, peak = _quantize_8bit(layout, st, value)
             next(outs).view(codes.shape).copy_(codes)
             peaks.append(peak)
         else:
@@ -229,7 +235,7 @@ def store_lowbit(sig: ParamSig, parts: Sequence[Sequence[Tensor]], scratch: Sequ
     kept, peaks = iter(scratch), []
     for which, (layout, st) in enumerate(zip(sig.layouts, parts)):
         if layout.precision == "8bit":
-            codes, peak = quantize_8bit(layout.signed, next(kept), st[1].numel(), st[2], st[3] if len(st) > 3 else None)
+            codes, peak = _quantize_8bit(layout, st, next(kept))
             st[0].view(codes.shape).copy_(codes)
             peaks.append(peak)
         elif layout.precision in LOWBIT:
