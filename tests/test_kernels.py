@@ -58,24 +58,111 @@ def test_stacked_steps_equal_the_reference_path(cls):
 
 
 
-def test_stack_buffers_are_kept_between_steps_and_follow_replaced_members():
-    # A stack's gradients and values are stacked into buffers it keeps (no fresh blocks per step);
-    # a member whose data is replaced between steps is still read and written (the buffers are a
-    # copy, refilled every step), and the result equals the reference path's.
+def storage_of(t):
+    return t.untyped_storage().data_ptr()
+
+
+def test_stack_members_live_in_one_buffer_and_follow_replaced_members():
+    # A stack's members move into one buffer the optimizer keeps (each .data a view of it): the step
+    # updates them in place, no copies. A member whose data is replaced between steps is read and
+    # moved in again; the gradients' stacking buffer is kept. Results equal the reference path's.
     fast, ref = make_params(), make_params()
     o_fast, o_ref = emoq.EmoSens(fast), emoq.EmoSens(ref, fused=False)
     train(fast, o_fast, 2)
     train(ref, o_ref, 2)
     (unit,) = [u for u in next(iter(o_fast._unit_cache.values()))[2] if u.stacked]
-    ptrs = {k: b[0].data_ptr() for k, b in unit._bufs.items()}
-    assert set(ptrs) == {"g", "values"}
+    assert set(unit._bufs) == {"g"}
+    g_ptr = unit._bufs["g"][0].data_ptr()
+    home = unit.home.buf
+    assert {storage_of(p) for p in fast[:6]} == {home.data_ptr()}
+    assert storage_of(fast[6]) != home.data_ptr()  # alone: stays where it is
+    assert len({storage_of(p) for p in ref}) == len(ref)  # the reference path moves nothing
     for params in (fast, ref):
         with torch.no_grad():
             params[2].data = params[2].detach().clone() * 2  # a new tensor behind the same Parameter
     train(fast, o_fast, 2, seed=3)
     train(ref, o_ref, 2, seed=3)
-    assert {k: b[0].data_ptr() for k, b in unit._bufs.items()} == ptrs
+    assert unit._bufs["g"][0].data_ptr() == g_ptr and unit.home.buf is home
+    assert {storage_of(p) for p in fast[:6]} == {home.data_ptr()}
     assert all(torch.equal(a, b) for a, b in zip(fast, ref))
+
+
+def test_stack_member_with_an_alias_stays_where_it_is_and_the_alias_sees_the_updates():
+    # torch's optimizers update a parameter in place, so `p.detach()`, `p.data` or a kept
+    # model.state_dict() keep showing the trained values: a member whose storage anything else holds
+    # is never moved (copied in and back each step instead), the others are.
+    fast, ref = make_params(), make_params()
+    alias = fast[1].detach()
+    kept = {"w3": fast[3].data}
+    o_fast, o_ref = emoq.EmoSens(fast), emoq.EmoSens(ref, fused=False)
+    train(fast, o_fast, 3)
+    train(ref, o_ref, 3)
+    assert all(torch.equal(a, b) for a, b in zip(fast, ref))
+    assert torch.equal(alias, ref[1]) and torch.equal(kept["w3"], ref[3])
+    home = next(u for u in next(iter(o_fast._unit_cache.values()))[2] if u.stacked).home.buf.data_ptr()
+    assert storage_of(fast[1]) == storage_of(alias) != home
+    assert storage_of(fast[3]) == storage_of(kept["w3"]) != home
+    assert {storage_of(p) for i, p in enumerate(fast[:6]) if i not in (1, 3)} == {home}
+
+
+def test_only_a_plain_tensor_alone_in_its_storage_may_move():
+    def param(make):
+        p = torch.nn.Parameter(make())  # the argument is freed here: p alone holds its storage
+        return p
+
+    whole = torch.randn(4, 8)
+    assert base.movable(param(lambda: torch.randn(8, 8)))
+    assert not base.movable(param(lambda: whole[1:3]))  # a view of a larger tensor (offset)
+    assert not base.movable(param(lambda: whole[:2]))  # a view of a larger tensor (no offset)
+    assert not base.movable(param(lambda: torch.randn(8, 8).t()))  # not contiguous
+    assert not base.movable(param(lambda: torch.randn(8, 8, device="meta")))
+    p = param(lambda: torch.randn(8, 8))
+    alias = p.detach()
+    assert not base.movable(p)  # another tensor holds its storage
+    del alias
+    assert base.movable(p)
+
+
+def test_stack_member_moved_in_keeps_autograds_in_place_check():
+    # A graph that saved a parameter, then a step, then backward: torch's optimizers bump the
+    # parameter's version (an in-place update) and backward refuses; so does a member updated
+    # through its buffer.
+    for cls in (torch.optim.AdamW, emoq.EmoSens):
+        params = make_params()
+        opt = cls(params)
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step(loss=1.0) if cls is emoq.EmoSens else opt.step()
+        y = (params[0] * params[0]).sum()
+        opt.step(loss=1.0) if cls is emoq.EmoSens else opt.step()
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.backward()
+
+
+def test_stack_members_moved_in_save_and_load_like_any_parameter(tmp_path):
+    # model.state_dict() of moved members: torch.save / safetensors round trips give the values, and
+    # each saved member holds only its own bytes with safetensors.
+    from safetensors.torch import load_file, save_file
+
+    net = torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(4)])
+    opt = emoq.EmoSens(net.parameters())
+    for _ in range(2):
+        net(torch.randn(4, 16)).square().mean().backward()
+        opt.step(loss=1.0)
+        opt.zero_grad()
+    weights = [m.weight for m in net]
+    assert len({storage_of(w) for w in weights}) == 1  # moved into one buffer
+    sd = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    torch.save(net.state_dict(), tmp_path / "a.pt")
+    save_file(net.state_dict(), tmp_path / "a.safetensors")
+    for loaded in (torch.load(tmp_path / "a.pt"), load_file(tmp_path / "a.safetensors")):
+        assert sd.keys() == loaded.keys() and all(torch.equal(sd[k], loaded[k]) for k in sd)
+    fresh = torch.nn.Sequential(*[torch.nn.Linear(16, 16) for _ in range(4)])
+    fresh.load_state_dict(torch.load(tmp_path / "a.pt"))
+    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), net.parameters()))
+    net.load_state_dict({k: torch.zeros_like(v) for k, v in sd.items()})  # copies into the buffer
+    assert all(not w.any() for w in weights) and len({storage_of(w) for w in weights}) == 1
+
 
 def test_stack_states_are_views_of_one_buffer_and_resume_exactly():
     fast = make_params()

@@ -202,12 +202,14 @@ def chunk_sig(sig: ParamSig, n: int) -> ParamSig:
 class Unit:
     """Parameters stepped by one call: one parameter, or a stack of same-shape small ones.
 
-    A stack keeps the buffers its gradients and values are stacked into between steps (a copy
-    of the members, 2 x their size): stacking into fresh tensors every step measured 3x slower
-    on the LoRA set whenever glibc had returned the previous step's blocks to the kernel (page
-    faults; 10.1 vs 3.1 ms for the stacking and copying back), and the same when it had not."""
+    A stack keeps the buffer its gradients are stacked into between steps (a copy of the
+    gradients): stacking into fresh tensors every step measured 3x slower on the LoRA set whenever
+    glibc had returned the previous step's blocks to the kernel (page faults; 10.1 vs 3.1 ms for
+    the stacking and copying back), and the same when it had not. Its members' values live in a
+    :class:`ParamHome` (the optimizer's, kept across plans); a stack of DTensor shards stacks
+    their values into a kept buffer ``"values"`` and copies them back."""
 
-    __slots__ = ("params", "stacked", "extent", "dtensors", "kernel_args", "grads", "g", "stats", "_bufs")
+    __slots__ = ("params", "stacked", "extent", "dtensors", "kernel_args", "grads", "g", "stats", "home", "_bufs")
 
     def __init__(self, params: tuple[Tensor, ...], stacked: bool, extent: Extent) -> None:
         self.params, self.stacked, self.extent = params, stacked, extent
@@ -218,6 +220,7 @@ class Unit:
         self.grads: list[Tensor] = []
         self.g: Tensor | None = None  # the gradient (stacked for a stack), set each step
         self.stats: tuple[Tensor, ...] = ()
+        self.home: ParamHome | None = None  # where a stack's members live (EmoOptimizer._homes)
         self._bufs: dict[str, tuple[Tensor, list[Tensor]]] = {}
 
     def stack(self, which: str, members: list[Tensor]) -> tuple[Tensor, list[Tensor]]:
@@ -231,6 +234,68 @@ class Unit:
             kept = self._bufs[which] = (buf, list(buf.unbind(0)))
         torch.stack(members, out=kept[0])
         return kept
+
+
+def _storage_uses(storage: Any) -> int | None:
+    """How many tensors (and storage objects) hold ``storage``, or ``None`` where torch cannot say."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    return None if count is None else int(count(storage._cdata))
+
+
+def movable(p: Tensor) -> bool:
+    """Whether ``p``'s values may move into an optimizer buffer (``p.data`` becomes a view of it):
+    a plain contiguous CPU tensor that alone holds a storage of exactly its size. Anything else (a
+    view of a larger tensor, a storage another tensor also holds, such as an alias ``p.detach()`` or
+    a ``state_dict()`` the user keeps, a tensor subclass) stays where it is, so every alias keeps
+    seeing the updates; so does every accelerator tensor (a captured CUDA graph reads parameters by
+    address, and there the copies are not what the step waits on)."""
+    if (type(p.data) is not Tensor or p.device.type != "cpu" or p.layout is not torch.strided
+            or not p.is_contiguous() or p.storage_offset()):
+        return False
+    storage = p.untyped_storage()
+    return storage.nbytes() == p.numel() * p.element_size() and _storage_uses(storage) == 2  # p and `storage`
+
+
+class ParamHome:
+    """One buffer that the members of a stack live in between steps: each member's ``.data`` is
+    a view of it, so the compiled step updates them in place, with no stacking of the values and
+    no copying back (the LoRA set: 14 passes over the members' bytes per step become 10;
+    docs/decisions.md). Members are moved in at their first step when :func:`movable`; one that is
+    not (or no longer is a view of its slot) is copied in before each step and back after it, as a
+    stack of copies would be. Kept by the optimizer per member tuple, across plans and
+    ``load_state_dict``: its buffer holds the parameters' values."""
+
+    __slots__ = ("buf", "views", "ptrs")
+
+    def __init__(self, first: Tensor, n: int) -> None:
+        self.buf = torch.empty((n,) + tuple(first.shape), dtype=first.dtype, device=first.device)
+        self.views = list(self.buf.unbind(0))
+        self.ptrs: list[int | None] = [None] * n  # a member's data_ptr while it lives in its slot
+
+    def fits(self, first: Tensor) -> bool:
+        buf = self.buf
+        return buf.shape[1:] == first.shape and buf.dtype == first.dtype and buf.device == first.device
+
+    @staticmethod
+    def where(members: tuple[Tensor, ...]) -> list[int]:
+        """Each member's data_ptr, -1 for a non-contiguous one (never a view of its slot)."""
+        return [p.data_ptr() if p.is_contiguous() else -1 for p in members]
+
+    def enter(self, members: tuple[Tensor, ...], ptrs: list[int]) -> list[int]:
+        """Copy the values of the members not living in their slots in, and move in those that may
+        move; returns the indices of those that stay where they are (copy back after the step)."""
+        out = [i for i, ptr in enumerate(ptrs) if ptr != self.ptrs[i]]
+        torch._foreach_copy_([self.views[i] for i in out], [members[i] for i in out])
+        back = []
+        for i in out:
+            p = members[i]
+            if movable(p):
+                p.data = self.views[i]
+                self.ptrs[i] = self.views[i].data_ptr()
+            else:
+                self.ptrs[i] = None
+                back.append(i)
+        return back
 
 
 _EVERY = object()
@@ -365,6 +430,8 @@ class EmoOptimizer(Optimizer):
             raise ValueError(f"fused must be None, True or False, got {fused!r}")
         self.fused = fused
         self._runner = Runner(compile=None if fused is not False else False)
+        # where each stack's members live (ParamHome, per member tuple): not a cache, never reset
+        self._homes: dict[tuple[Tensor, ...], ParamHome] = {}
         self._reset_caches()
         defaults = dict(lr=float(lr), betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         self.use_shadow = use_shadow
@@ -822,10 +889,25 @@ class EmoOptimizer(Optimizer):
             self._run(opts, sig, local(p), unit, parts, residual, h, c, before)
             return
         sig, parts, residual = unit.kernel_args or self._stack(unit)
-        members = locals_of(unit.params) if unit.dtensors else unit.params  # DTensor shards: the rows held here
-        values, views = unit.stack("values", members)  # under no_grad: plain copies
-        self._run(opts, sig, values, unit, parts, residual, h, c)
-        torch._foreach_copy_(members, views)
+        members = unit.params
+        if unit.dtensors:  # DTensor shards (the rows held here): their storage is the DTensor's, copied
+            members = locals_of(members)
+            values, views = unit.stack("values", members)  # under no_grad: plain copies
+            self._run(opts, sig, values, unit, parts, residual, h, c)
+            torch._foreach_copy_(members, views)
+            return
+        home = unit.home
+        if home is None or not home.fits(members[0]):
+            home = self._homes.get(members)
+            if home is None or not home.fits(members[0]):
+                home = self._homes[members] = ParamHome(members[0], len(members))
+            unit.home = home
+        ptrs = home.where(members)
+        back = home.enter(members, ptrs) if ptrs != home.ptrs else ()
+        self._run(opts, sig, home.buf, unit, parts, residual, h, c)
+        if back:
+            torch._foreach_copy_([members[i] for i in back], [home.views[i] for i in back])
+        torch.autograd.graph.increment_version(members)  # written in place: autograd's saved-tensor check sees it
 
     def _chunked(self, sig: ParamSig, unit: Unit, residual: Tensor | None) -> bool:
         """Whether ``unit`` (one parameter) is stepped in pieces of at most :data:`CHUNK` elements:
@@ -1207,12 +1289,13 @@ class EmoOptimizer(Optimizer):
         # torch keeps only defaults/state/param_groups, which leaves a pickled emoq optimizer
         # without its pulse, storage and counters: keep everything but the step caches (compiled
         # functions, state views), rebuilt on demand
-        return {k: v for k, v in self.__dict__.items() if k not in ("_runner", "_written") + self._CACHES}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_runner", "_written", "_homes") + self._CACHES}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._watch_states()
         self._runner = Runner(compile=None if self.__dict__.get("fused") is not False else False)
+        self._homes = {}
         self._reset_caches()
 
     def __deepcopy__(self, memo: dict[int, Any]) -> EmoOptimizer:
@@ -1226,6 +1309,7 @@ class EmoOptimizer(Optimizer):
         for key, value in self.__getstate__().items():
             new.__dict__[key] = copy.deepcopy(value, memo)
         new._runner = Runner(self._runner.compile)  # compiled functions are shared process-wide anyway
+        new._homes = {}
         new._reset_caches()
         new._watch_states()
         return new
