@@ -12,7 +12,12 @@ BLOCKS = [(path.name, i, code) for path in DOCS
           if code.startswith(("import", "from"))]
 
 
-@pytest.mark.parametrize("name,index,code", BLOCKS, ids=[f"{n}-{i}" for n, i, _ in BLOCKS])
+COMPILED = "# runs the default compiled path"  # a block saying so runs without EMOQ_COMPILE=0 (tests/conftest.py)
+
+
+@pytest.mark.parametrize("name,index,code", [
+    pytest.param(n, i, code, marks=[pytest.mark.compiled] if COMPILED in code else [], id=f"{n}-{i}")
+    for n, i, code in BLOCKS])
 def test_doc_example_runs(name, index, code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     exec(compile(code, f"{name}[{index}]", "exec"), {"__name__": "__doc_example__"})
