@@ -15,7 +15,7 @@ weights). That function runs
   distinct shape), not hundreds. Rules take a parameter or a stack of them along leading dims
   (``emoq.arith.param_dims``). A large parameter of an element-wise rule with low-bit states is
   stepped in block-aligned pieces (``emoq.optim.base.CHUNK``), each in two calls through kept
-  scratch (``SCRATCH_MIN``; 8-bit pieces optionally in one pass over their blocks, ``ONE_PASS``);
+  scratch (``SCRATCH_MIN``);
 - **eagerly**, one parameter at a time, with Python-float scalars (``fused=False``,
   ``EMOQ_COMPILE=0``, or after a compile failure): the reference path.
 
@@ -29,7 +29,6 @@ step runs eagerly: the same function, the reference path, only slower.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import types
@@ -194,16 +193,12 @@ def _quantize_8bit(layout: StateLayout, st: Sequence[Tensor], value: Tensor) -> 
 
 def param_step(rule: Callable[..., Any], opts: dict, sig: ParamSig, p: Tensor, g: Tensor,
                stats: tuple[Tensor, ...], parts: Sequence[Sequence[Tensor]], residual: Tensor | None, h: Hyper,
-               before: Callable[[Tensor], None] | None = None, scratch: Sequence[Tensor] = (),
-               into: Sequence[Tensor] = ()) -> list[Tensor]:
+               before: Callable[[Tensor], None] | None = None, scratch: Sequence[Tensor] = ()) -> None:
     """One step of one parameter: load states → ``rule`` → store states and the parameter.
 
     ``before(x)`` (eager only) runs on the fp32 working value first (the optional shadow).
     With ``scratch`` (one fp32 tensor per low-bit state, in order): the new values of the low-bit
     states are written there instead of being quantized (:func:`store_lowbit` does that next).
-    With ``into`` (one codes tensor per 8-bit state, in order): their codes are written there and their
-    block peaks returned, in order (the one-pass step, :meth:`Runner._one_pass`; :func:`write_scales`
-    writes their scales); otherwise returns ``[]``.
     """
     x = compensate.working_value(p, residual, sig.compensation)
     if before is not None:
@@ -212,18 +207,13 @@ def param_step(rule: Callable[..., Any], opts: dict, sig: ParamSig, p: Tensor, g
         g = g.float()
     states = tuple(load_state(layout, st) for layout, st in zip(sig.layouts, parts))
     x_new, new_states = rule(x, g, states, stats, h, sig.extent, **opts)
-    kept, outs, peaks = iter(scratch), iter(into), []
+    kept = iter(scratch)
     for which, (layout, st, value) in enumerate(zip(sig.layouts, parts, new_states)):
         if scratch and layout.precision in LOWBIT:
             next(kept).view(value.shape).copy_(value)
-        elif into and layout.precision == "8bit":
-            codes, peak = _quantize_8bit(layout, st, value)
-            next(outs).view(codes.shape).copy_(codes)
-            peaks.append(peak)
         else:
             store_state(layout, st, value, h.step, which)
     compensate.store_value(p, x_new, residual, sig.compensation)
-    return peaks
 
 
 def store_lowbit(sig: ParamSig, parts: Sequence[Sequence[Tensor]], scratch: Sequence[Tensor],
@@ -244,8 +234,8 @@ def store_lowbit(sig: ParamSig, parts: Sequence[Sequence[Tensor]], scratch: Sequ
 
 
 def write_scales(sig: ParamSig, parts: Sequence[Sequence[Tensor]], peaks: Sequence[Tensor]) -> None:
-    """Write the scales of the 8-bit states' block ``peaks`` (from :func:`store_lowbit` or
-    :func:`param_step`) into their parts."""
+    """Write the scales of the 8-bit states' block ``peaks`` (from :func:`store_lowbit`) into their
+    parts."""
     new = iter(peaks)
     for layout, st in zip(sig.layouts, parts):
         if layout.precision == "8bit":
@@ -279,44 +269,6 @@ def _make_phase_fns(rule: Callable[..., Any], opts: tuple, sig: ParamSig) -> tup
         return store_lowbit(sig, parts, scratch, Hyper.from_tensor(c).step)
 
     return _own_code(emoq_step_to_scratch, "emoq_step_to_scratch"), _own_code(emoq_store_lowbit, "emoq_store_lowbit")
-
-
-def _make_one_pass_fn(rule: Callable[..., Any], opts: tuple, sig: ParamSig) -> Callable[..., None]:
-    options = dict(opts)
-
-    def emoq_step_one_pass(p: Tensor, g: Tensor, stats: tuple, parts: list, c: Tensor, into: list) -> list[Tensor]:
-        return param_step(rule, options, sig, p, g, stats, parts, None, Hyper.from_tensor(c), into=into)
-
-    return _own_code(emoq_step_one_pass, "emoq_step_one_pass")
-
-
-ONE_PASS_BLOCK = 256  # the 8-bit block
-ONE_PASS = False
-"""Whether the 8-bit pieces of an element-wise rule's large parameter take the one-pass step
-(:meth:`Runner._one_pass`) instead of the two-call step. Off by default: measured on the 2-core CPU
-(``python -m bench.onepass``, bench/README.md "speed"), it was 4-8 % faster on one thread and 1-16 %
-slower on two, the default benchmark's setting. Bit-identical either way."""
-
-
-def one_pass_sig(sig: ParamSig) -> ParamSig | None:
-    """``sig`` as blocks (``(n // 256, 256)``) for the one-pass step of an element-wise rule's flat
-    piece, or ``None`` where that step does not apply: a state that is not fp32 or 8-bit (nearest
-    rounding, blocks of 256), a shape other than the piece's, or fp32 values and gradients not
-    plain (compensated weights keep the other paths)."""
-    n = math.prod(sig.shape)
-    if (len(sig.shape) != 1 or n % ONE_PASS_BLOCK or sig.p_dtype != torch.float32 or sig.g_dtype != torch.float32
-            or sig.compensation != "none" or not any(lay.precision == "8bit" for lay in sig.layouts)
-            or any(lay.precision not in ("8bit", "fp32") or lay.shape != sig.shape or lay.members != 1
-                   for lay in sig.layouts)):
-        return None
-    shape = (n // ONE_PASS_BLOCK, ONE_PASS_BLOCK)
-    return _blocked(sig, shape)
-
-
-@functools.lru_cache(maxsize=256)
-def _blocked(sig: ParamSig, shape: tuple[int, int]) -> ParamSig:
-    return ParamSig(tuple(lay._replace(shape=shape) for lay in sig.layouts), Extent(shape), sig.p_dtype,
-                    sig.g_dtype, sig.compensation, shape)
 
 
 def _make_stats_fn(stats: Callable[..., tuple[Tensor, ...]], extent: Extent) -> Callable[..., tuple[Tensor, ...]]:
@@ -367,7 +319,6 @@ class Runner:
         self.compile = compile_enabled() if compile is None else bool(compile)
         self.failed = False
         self._scratch: dict[tuple[torch.device, int], Tensor] = {}  # (device, state number) -> fp32 buffer
-        self._codes: dict[tuple[torch.device, int], Tensor] = {}  # -> uint8 codes (the one-pass step)
 
     def __deepcopy__(self, memo: dict) -> Runner:
         return Runner(self.compile)
@@ -408,18 +359,12 @@ class Runner:
 
     def step(self, rule: Callable[..., Any], opts: dict, sig: ParamSig, p: Tensor, g: Tensor,
              stats: tuple[Tensor, ...], parts: list[list[Tensor]], residual: Tensor | None, h: Hyper,
-             c: Tensor | None = None, before: Callable[[Tensor], None] | None = None,
-             elementwise: bool = False) -> None:
-        """One step of a parameter (or stack) ``p``; ``c`` is ``h`` as a tensor (compiled calls).
-        ``elementwise``: ``rule`` is element-wise and ``p`` a flat contiguous piece (the one-pass step
-        may apply, see :func:`one_pass_sig`)."""
+             c: Tensor | None = None, before: Callable[[Tensor], None] | None = None) -> None:
+        """One step of a parameter (or stack) ``p``; ``c`` is ``h`` as a tensor (compiled calls)."""
         if before is None and self.compiling and (p.dtype not in compensate.LOW_PRECISION
                                                   or compiled_casts_round(p.dtype, p.device)):
             okey = tuple(sorted(opts.items()))
             c = h.as_tensor(p.device) if c is None else c
-            blocked = one_pass_sig(sig) if elementwise and residual is None and ONE_PASS else None
-            if blocked is not None:
-                return self._one_pass(rule, okey, sig, blocked, p, g, stats, parts, h, c)
             scratch = self.scratch(sig, p.device)
             if scratch is not None:
                 return self._two_phase(rule, okey, sig, p, g, stats, parts, residual, h, c, scratch)
@@ -467,50 +412,6 @@ class Runner:
             self._fail(rule, exc)
             peaks = store_lowbit(sig, parts, scratch, h.step)
         write_scales(sig, parts, peaks)
-
-    def _one_pass(self, rule: Callable[..., Any], okey: tuple, sig: ParamSig, blocked: ParamSig, p: Tensor,
-                  g: Tensor, stats: tuple[Tensor, ...], parts: list[list[Tensor]], h: Hyper, c: Tensor) -> None:
-        """The compiled step of an element-wise rule's flat piece in one pass over its blocks of 256:
-        load → rule → parameter, and each block's scale and codes, in one loop (inductor's outer-loop
-        fusion keeps a block's new values in a local buffer; no temporary the size of the piece, no
-        scratch round trip). The new codes and scales go to buffers the runner keeps and are copied
-        into the states after the call: written in place, the states' codes would be read and written
-        by one graph, which inductor does not fuse that way. A failed compile has written nothing and
-        the step runs eagerly."""
-        rows, cols = blocked.shape
-        key = ("step", rule, okey, sig, "one pass")
-        compiled = _COMPILED.get(key)
-        if compiled is None:
-            compiled = _COMPILED[key] = torch.compile(_make_one_pass_fn(rule, okey, blocked), **COMPILE_OPTIONS)
-        views, into = [], []
-        for i, (layout, st) in enumerate(zip(sig.layouts, parts)):
-            if layout.precision == "8bit":
-                views.append([st[0].view(rows, cols), st[1].view(rows, 1), *st[2:]])
-                into.append(self._into(p.device, i, rows * cols).view(rows, cols))
-            else:
-                views.append([st[0].view(rows, cols)])
-        # the step's scalars once per block: with 0-dim scalars, inductor runs the parameter's update,
-        # which reads no per-block value, as a separate flat loop outside the per-block one
-        c_rows = c.view(-1, 1, 1).expand(c.numel(), rows, 1).contiguous()
-        try:
-            peaks = compiled(p.detach().view(rows, cols), g.view(rows, cols), stats, views, c_rows, into)
-        except Exception as exc:  # raised while compiling, before anything was written
-            self._fail(rule, exc)
-            param_step(rule, dict(okey), sig, p, g, stats, parts, None, h)
-            return
-        outs = iter(into)
-        for layout, st in zip(sig.layouts, parts):
-            if layout.precision == "8bit":
-                codes = next(outs)
-                st[0].view(codes.shape).copy_(codes)
-        write_scales(sig, parts, peaks)
-
-    def _into(self, device: torch.device, which: int, n: int) -> Tensor:
-        """``n`` uint8 of a buffer kept for the codes of state ``which`` (grown to the largest request)."""
-        buf = self._codes.get((device, which))
-        if buf is None or buf.numel() < n:
-            buf = self._codes[(device, which)] = torch.empty(n, dtype=torch.uint8, device=device)
-        return buf[:n]
 
     def _fail(self, what: Callable[..., Any], exc: Exception) -> None:
         self.failed = True

@@ -884,7 +884,7 @@ class EmoOptimizer(Optimizer):
                 for lo, hi in chunk_spans(values.numel(), sig.layouts, CHUNK):
                     pieces = [slice_kernel_args(lay.precision, pt, lo, hi) for lay, pt in zip(sig.layouts, parts)]
                     self._runner.step(self.rule, opts, chunk_sig(sig, hi - lo), values[lo:hi], grads[lo:hi],
-                                      unit.stats, pieces, None, h, c, elementwise=True)
+                                      unit.stats, pieces, None, h, c)
                 return
             self._run(opts, sig, local(p), unit, parts, residual, h, c, before)
             return
