@@ -519,3 +519,39 @@ def test_large_parameters_stepped_in_pieces_equal_whole_steps(cls, precision, mo
         assert n1 == n2 and torch.equal(a, b), n1
     stochastic = precision == "4bit"  # EmoSens' m and EmoCats' m are signed
     assert piece_shapes == ({(40, 64)} if stochastic else {(768,), (256,)})
+
+
+def _train_special(params, opt, steps=4):
+    """Gradients with whole blocks of zeros, tiny and huge values (8-bit scales at their 1e-12 floor,
+    subnormal squares, squares near 1e30)."""
+    g = torch.Generator().manual_seed(5)
+    for i in range(steps):
+        grad = torch.randn(params[0].shape, generator=g)
+        grad[:4] = 0.0
+        grad[4:8] *= 1e-22
+        grad[8:12] *= 1e15
+        params[0].grad = grad
+        opt.step(loss=2.0 / (1 + 0.1 * i))
+
+
+@pytest.mark.parametrize("cls", [emoq.EmoSens, emoq.EmoCats])
+def test_two_call_pieces_equal_the_reference_on_extreme_gradients(cls, monkeypatch):
+    # The 8-bit pieces of a large parameter (CHUNK lowered to 768 elements) take the two-call step
+    # (rule -> fp32 scratch -> block-peak quantization): parameters and states bit for bit those of
+    # the reference path with all-zero blocks, subnormal squares and squares near 1e30.
+    monkeypatch.setattr(base, "CHUNK", 768)
+    monkeypatch.setattr(kernels, "SCRATCH_MIN", 1)
+
+    def run(fused):
+        params = make_params([(40, 64)])
+        opt = cls(params, fused=fused, state_precision="8bit", min_lowbit_size=0)
+        _train_special(params, opt, 4)
+        return params, opt
+
+    two, o_two = run(True)
+    ref, o_ref = run(False)
+    assert o_two._runner._scratch
+    assert all(torch.equal(a, b) for a, b in zip(two, ref))
+    for (n1, a), (n2, b) in zip(_lowbit_state_values(o_two, two), _lowbit_state_values(o_ref, ref)):
+        assert n1 == n2 and torch.equal(a, b), n1
+    assert float(o_two.state[two[0]]["m"].scale.min()) == float(torch.tensor(1e-12))  # the zero blocks
