@@ -141,6 +141,33 @@ def test_a_state_replaced_between_steps_is_used_like_an_in_place_change(how):
     assert sa.keys() == sb.keys() and all(torch.equal(sa[i][n], sb[i][n]) for i in sa for n in sa[i])
 
 
+@pytest.mark.parametrize("how", ["assigned", "emptied"])
+def test_a_state_replaced_inside_the_closure_is_used_like_an_in_place_change(how):
+    # States written by the closure (after the step began) were forgotten with the step's own
+    # writes; they are taken as those written between steps are.
+    runs = []
+    for mode in ("in place", how):
+        params = make_params()
+        opt = emoq.EmoSens(params)
+        train(params, opt, 2)
+        g = torch.Generator().manual_seed(3)
+        grads = [torch.randn(p.shape, generator=g) for p in params]
+
+        def closure(mode=mode, params=params, opt=opt, grads=grads):
+            for p, grad in zip(params, grads):
+                p.grad = grad.clone()
+            for p in (params[0], params[-1]):
+                _replace(opt, p, mode)
+            return torch.tensor(1.5)
+
+        opt.step(closure)
+        train(params, opt, 1, seed=4)
+        runs.append((params, opt.state_dict()["state"]))
+    (a, sa), (b, sb) = runs
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[i][n], sb[i][n]) for i in sa for n in sa[i])
+
+
 def test_a_replaced_lowbit_state_is_quantized_as_a_loaded_one_is():
     from emoq.states import precision_of
 

@@ -682,6 +682,8 @@ class EmoOptimizer(Optimizer):
             self._init_states()
             return None
         result, loss_value = self._take_loss(closure, loss)
+        if closure is not None:  # the closure may have written states too
+            self._adopt_replaced_states()
         units = self._plan()
         try:
             grads_ok = self._gradient_stats([unit for _, unit in units])
