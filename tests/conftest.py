@@ -5,8 +5,15 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import settings
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# The README's test command (CI) draws the same examples on every run and writes no example database
+# into the checkout; HYPOTHESIS_PROFILE=explore draws fresh examples (and keeps hypothesis' database).
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 class ConvMLP(torch.nn.Module):
