@@ -238,3 +238,25 @@ def test_a_replaced_state_container_starts_every_parameter_afresh_or_is_refused(
     opt.state = None
     with pytest.raises(TypeError, match="must be a dict"):
         opt.step(loss=1.0)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "8bit", "4bit"])
+def test_the_state_container_deep_copies_as_plain_dicts_with_low_bit_states(precision):
+    # copy.deepcopy(opt.state) (as of torch's plain defaultdict) failed on low-bit states, which
+    # torchao implements no aten.clone for; a copy is plain containers whose tensors are independent.
+    import copy
+
+    from emoq.states import parts, precision_of
+
+    w = torch.nn.Parameter(torch.randn(256, 256))
+    opt = emoq.EmoSens([w], state_precision=precision)
+    w.grad = torch.randn_like(w)
+    opt.step(loss=1.0)
+    for copied in (copy.deepcopy(opt.state), {w: copy.deepcopy(opt.state[w])}):
+        key = next(iter(copied))
+        assert type(copied) in (dict, type(copy.deepcopy(torch.optim.AdamW([w]).state)))
+        assert type(copied[key]) is dict and copied[key].keys() == opt.state[w].keys()
+        m, m0 = copied[key]["m"], opt.state[w]["m"]
+        assert precision_of(m) == precision_of(m0) == precision
+        a, b = (parts(m)[0], parts(m0)[0]) if precision != "fp32" else (m, m0)
+        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()

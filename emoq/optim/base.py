@@ -302,6 +302,16 @@ _EVERY = object()
 """Noted in :class:`_WatchedStates`' set when a write may have touched any parameter's states."""
 
 
+def _memo_lowbit(states: Iterable[Any], memo: dict[int, Any]) -> None:
+    """Put a copy of every torchao low-bit value of ``states`` (per-parameter dicts) in ``memo``:
+    they implement no ``aten.clone``, so ``copy.deepcopy`` reaches them only through the memo."""
+    for st in states:
+        if isinstance(st, dict):
+            for value in st.values():
+                if is_lowbit(value) and id(value) not in memo:
+                    memo[id(value)] = clone_lowbit(value, memo)
+
+
 class _WatchedState(dict):
     """One parameter's state dict; a write into it notes the parameter in its optimizer's set
     (``EmoOptimizer._adopt_replaced_states``). Pickles and copies as a plain dict."""
@@ -312,6 +322,10 @@ class _WatchedState(dict):
 
     def __reduce__(self) -> tuple:
         return dict, (dict(self),)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> dict:
+        _memo_lowbit([self], memo)
+        return copy.deepcopy(dict(self), memo)
 
 
 class _WatchedStates(defaultdict):
@@ -340,6 +354,14 @@ class _WatchedStates(defaultdict):
     def __reduce__(self) -> tuple:
         return defaultdict, (dict,), None, None, iter((k, dict(v) if isinstance(v, dict) else v)
                                                        for k, v in self.items())
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> defaultdict:
+        _memo_lowbit(self.values(), memo)
+        out: defaultdict = defaultdict(dict)
+        memo[id(self)] = out
+        for k, v in self.items():
+            out[copy.deepcopy(k, memo)] = copy.deepcopy(dict(v) if isinstance(v, dict) else v, memo)
+        return out
 
 
 def _noting(cls: type, name: str, every: bool) -> None:
@@ -1302,10 +1324,7 @@ class EmoOptimizer(Optimizer):
 
     def __deepcopy__(self, memo: dict[int, Any]) -> EmoOptimizer:
         """A deep copy (torchao's low-bit states have no ``aten.clone``: they are rebuilt from their parts)."""
-        for st in self.state.values():
-            for value in st.values():
-                if is_lowbit(value) and id(value) not in memo:
-                    memo[id(value)] = clone_lowbit(value, memo)
+        _memo_lowbit(self.state.values(), memo)
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         for key, value in self.__getstate__().items():
