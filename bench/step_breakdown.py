@@ -2,9 +2,10 @@
 phase of the stacked step skipped at a time, interleaved round by round (a timing probe: steps with
 a phase skipped compute garbage; the optimizer is thrown away).
 
-Phases: the range check (``torch.dot`` of each stacked gradient), stacking the gradients, stacking
-the values, copying the values back; "kernel + Python" skips all four (what is left: the compiled
-rule on the kept buffers and the bookkeeping).
+Phases: the range check (``torch.dot`` of each stacked gradient) and stacking the gradients; "kernel
++ Python" skips both (what is left: the compiled rule on the members' buffers and the bookkeeping).
+Since stop 20 the members' values live in one buffer (``emoq.optim.base.ParamHome``): nothing is
+stacked or copied back for them (the earlier "no value stacking" / "no copy back" rows are gone).
 
     python -m bench.step_breakdown [--families EmoSens EmoCats] [--threads 2] [--rounds 25]
 
@@ -23,28 +24,26 @@ import torch
 from bench import common
 
 PHASES = {"full step": (), "no range check": ("dot",), "no gradient stacking": ("g",),
-          "no value stacking": ("values",), "no copy back": ("back",),
-          "no value stacking or copy back": ("values", "back"), "kernel + Python only": ("dot", "g", "values", "back")}
+          "kernel + Python only": ("dot", "g")}
 
 
 @contextmanager
 def skipping(skip: set[str]):
-    """Patch the stacked step's copies and range check to be skipped while ``skip`` names them."""
+    """Patch the stacked step's gradient stacking and range check to be skipped while ``skip`` names them."""
     from emoq.optim import base
 
-    stack, copy_, dot = base.Unit.stack, torch._foreach_copy_, base.sum_of_squares
+    stack, dot = base.Unit.stack, base.sum_of_squares
     zero = torch.zeros(1)
 
     def kept_stack(self, which, members):
         return self._bufs[which] if which in skip and which in self._bufs else stack(self, which, members)
 
     base.Unit.stack = kept_stack
-    torch._foreach_copy_ = lambda dst, src: None if "back" in skip else copy_(dst, src)
     base.sum_of_squares = lambda g: zero if "dot" in skip else dot(g)
     try:
         yield
     finally:
-        base.Unit.stack, torch._foreach_copy_, base.sum_of_squares = stack, copy_, dot
+        base.Unit.stack, base.sum_of_squares = stack, dot
 
 
 def breakdown(family: str, rounds: int, params_fn=common.lora_set) -> dict[str, float]:
