@@ -105,6 +105,29 @@ def test_stack_member_with_an_alias_stays_where_it_is_and_the_alias_sees_the_upd
     assert {storage_of(p) for i, p in enumerate(fast[:6]) if i not in (1, 3)} == {home}
 
 
+def test_gradients_coming_and_going_keep_one_home_per_moved_member_and_equal_the_reference():
+    # When a different subset of a stack has gradients each step (conditional computation), each
+    # subset is a new stack; its members already live in an earlier stack's buffer and are copied in
+    # and back. Buffers nobody moved into are not kept (they would pile up, one per subset).
+    shapes = [(8, 64)] * 6
+    fast, ref = make_params(shapes), make_params(shapes)
+    o_fast, o_ref = emoq.EmoSens(fast), emoq.EmoSens(ref, fused=False)
+    rng = torch.Generator().manual_seed(7)
+    for step in range(12):
+        keep = torch.rand(6, generator=rng) < 0.6
+        keep[step % 6] = True  # at least one member steps
+        g = torch.Generator().manual_seed(100 + step)
+        grads = [torch.randn(s, generator=g) for s in shapes]
+        for params, opt in ((fast, o_fast), (ref, o_ref)):
+            for p, grad, k in zip(params, grads, keep.tolist()):
+                p.grad = grad.clone() if k else None
+            opt.step(loss=1.0 / (1 + step))
+    assert all(torch.equal(a, b) for a, b in zip(fast, ref))
+    living = {storage_of(p) for p in fast}
+    assert len(o_fast._homes) <= len(living) <= 6
+    assert {h.buf.data_ptr() for h in o_fast._homes.values()} <= living
+
+
 def test_only_a_plain_tensor_alone_in_its_storage_may_move():
     def param(make):
         p = torch.nn.Parameter(make())  # the argument is freed here: p alone holds its storage

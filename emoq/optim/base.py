@@ -924,10 +924,18 @@ class EmoOptimizer(Optimizer):
         if home is None or not home.fits(members[0]):
             home = self._homes.get(members)
             if home is None or not home.fits(members[0]):
-                home = self._homes[members] = ParamHome(members[0], len(members))
+                home = ParamHome(members[0], len(members))
             unit.home = home
         ptrs = home.where(members)
-        back = home.enter(members, ptrs) if ptrs != home.ptrs else ()
+        back = ()
+        if ptrs != home.ptrs:
+            back = home.enter(members, ptrs)
+            # kept while a member lives in it; a home nobody moved into (its members live in another
+            # stack's, e.g. when gradients come and go) is scratch for this plan only, as a stack's copy was
+            if len(back) < len(members):
+                self._homes[members] = home
+            elif self._homes.get(members) is home:
+                del self._homes[members]
         self._run(opts, sig, home.buf, unit, parts, residual, h, c)
         if back:
             torch._foreach_copy_([members[i] for i in back], [home.views[i] for i in back])
