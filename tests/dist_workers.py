@@ -41,6 +41,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def spawn(fn, args: tuple, nprocs: int = 2, timeout: float = 900.0) -> None:
+    """``torch.multiprocessing.spawn(fn, args, nprocs)`` that fails after ``timeout`` seconds
+    instead of hanging the suite (a rank stuck in a collective, or in gloo's teardown, would
+    otherwise block CI forever); the processes are killed first."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.spawn(fn, args=args, nprocs=nprocs, join=False)
+    deadline = time.monotonic() + timeout
+    while not ctx.join(timeout=max(0.0, min(5.0, deadline - time.monotonic()))):
+        if time.monotonic() >= deadline:
+            for proc in ctx.processes:
+                if proc.is_alive():
+                    proc.kill()
+            raise TimeoutError(f"{nprocs} spawned ranks of {fn.__name__} still running after {timeout:.0f} s")
+
+
 def make_net() -> torch.nn.Sequential:
     torch.manual_seed(0)
     layers: list[torch.nn.Module] = []
@@ -389,3 +407,10 @@ def _fsdp(rank: int, family: str, precision: str) -> dict:
     out["full_plain"] = run_on(net4, opt4)
     del emoq
     return out
+
+
+def sleep_forever(rank: int) -> None:
+    """A rank that never finishes (tests/test_core_distributed.py: the spawn timeout)."""
+    import time
+
+    time.sleep(3600)

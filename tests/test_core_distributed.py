@@ -12,7 +12,6 @@ import math
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 import emoq
 from tests import dist_workers as W
@@ -25,11 +24,21 @@ def spawn(tmp_path_factory):
     def run(scenario):
         if scenario not in results:
             out = tmp_path_factory.mktemp(scenario)
-            mp.spawn(W.main, args=(2, W.free_port(), scenario, str(out)), nprocs=2, join=True)
+            W.spawn(W.main, (2, W.free_port(), scenario, str(out)))
             results[scenario] = [torch.load(out / f"{scenario}{r}.pt", weights_only=False) for r in (0, 1)]
         return results[scenario]
 
     return run
+
+
+def test_spawn_fails_after_its_timeout_and_kills_the_ranks():
+    # a hung rank (a collective that never completes, gloo's teardown) fails the test, not CI
+    import time
+
+    t = time.monotonic()
+    with pytest.raises(TimeoutError, match="still running"):
+        W.spawn(W.sleep_forever, (), timeout=3)
+    assert time.monotonic() - t < 60
 
 
 def equal(a, b):

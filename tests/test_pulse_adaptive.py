@@ -9,7 +9,6 @@ import socket
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -18,6 +17,7 @@ import emoq
 from emoq.probe import STATE_NAME, STRIDE, distance_probe
 from emoq.pulse import RULE_KINDS, EmoPulseAdaptive
 from tests.conftest import emo_record, make_net, resume_from_bytes, share_record, train
+from tests.dist_workers import spawn
 
 FAMILIES = [emoq.EmoSens, emoq.EmoAiry, emoq.EmoCats, emoq.EmoTion]
 A = EmoPulseAdaptive
@@ -406,25 +406,31 @@ def _worker(rank, world, port, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
-        out = {}
-        for cls in (emoq.EmoSens, emoq.EmoCats):  # the Adam kind, and the Lion kind with its Polyak bound
-            net = _net()
-            ddp = torch.nn.parallel.DistributedDataParallel(net)
-            opt = cls(ddp.parameters(), pulse="adaptive")
-            pulses = []
-            for step in range(10):
-                x, y = _data(step)
-                x, y = x[rank * 8:rank * 8 + 8], y[rank * 8:rank * 8 + 8]  # each rank half of the batch
-                opt.zero_grad()
-                loss = F.cross_entropy(ddp(x), y)
-                loss.backward()
-                opt.step(loss=loss)
-                pulses.append(opt.pulse)
-            out[cls.__name__] = {"pulses": pulses, "params": params_of(net), "l1": opt.emo_pulse.avg_l1}
+        # the Adam kind, and the Lion kind with its Polyak bound
+        out = {cls.__name__: _ddp_run(cls, rank) for cls in (emoq.EmoSens, emoq.EmoCats)}
         torch.save(out, f"{out_dir}/rank{rank}.pt")
         dist.barrier()
     finally:
         dist.destroy_process_group()
+
+
+def _ddp_run(cls, rank):
+    # DDP lives in this frame only: a DDP module alive after destroy_process_group() frees the
+    # process group from its reducer's destructor, which joins gloo's threads holding the GIL while
+    # one of them waits for it to free a tensor (a hang seen in the suite, 26 Nov)
+    net = _net()
+    ddp = torch.nn.parallel.DistributedDataParallel(net)
+    opt = cls(ddp.parameters(), pulse="adaptive")
+    pulses = []
+    for step in range(10):
+        x, y = _data(step)
+        x, y = x[rank * 8:rank * 8 + 8], y[rank * 8:rank * 8 + 8]  # each rank half of the batch
+        opt.zero_grad()
+        loss = F.cross_entropy(ddp(x), y)
+        loss.backward()
+        opt.step(loss=loss)
+        pulses.append(opt.pulse)
+    return {"pulses": pulses, "params": params_of(net), "l1": opt.emo_pulse.avg_l1}
 
 
 @pytest.mark.slow
@@ -432,7 +438,7 @@ def test_two_gloo_ranks_take_the_step_of_the_whole_batch(tmp_path):
     # DDP averages gradients and emoq the loss; the probe's all-reduced sums give the same cosine
     # as one process on the whole batch, and its L1 norm (divided by the world size) the same
     # Polyak bound: both ranks and the single process agree, for the Adam and the Lion kind.
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    spawn(_worker, (2, _free_port(), str(tmp_path)))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for cls in (emoq.EmoSens, emoq.EmoCats):
         a, b = r0[cls.__name__], r1[cls.__name__]
