@@ -244,3 +244,24 @@ def test_resume_keeps_the_stop_streak(tiny_dir, tmp_path, monkeypatch):
     resumed = trainer()
     resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-3"))
     assert resumed.state.global_step == 5
+
+
+@pytest.mark.compiled
+def test_lora_matrices_moved_into_one_buffer_train_and_save_in_the_trainer(tiny_dir, tmp_path):
+    # The default compiled path moves same-shape LoRA matrices into one buffer per shape (README
+    # "Small parameters move into one buffer"): inside the Trainer they move, and the adapter the
+    # Trainer saves reloads to the trained values.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    trainer = make_trainer(tiny_dir, tmp_path, callbacks=[EmoCallback()], max_steps=3,
+                           optimizer=lambda m: emoq.EmoSens([p for p in m.parameters() if p.requires_grad]))
+    trainer.train()
+    lora = {n: p for n, p in trainer.model.named_parameters() if "lora_" in n}
+    assert len({p.untyped_storage().data_ptr() for p in lora.values()}) < len(lora)
+    trainer.save_model(str(tmp_path / "adapter"))
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32)
+    loaded = {n: p for n, p in PeftModel.from_pretrained(base, str(tmp_path / "adapter")).named_parameters()
+              if "lora_" in n}
+    assert loaded.keys() == lora.keys()
+    assert all(torch.equal(lora[n].detach(), loaded[n].detach()) for n in lora)
