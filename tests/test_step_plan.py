@@ -122,48 +122,41 @@ def _replace(opt, p, how):
         del opt.state[p]
 
 
-@pytest.mark.parametrize("how", ["assigned", "emptied", "deleted"])
-def test_a_state_replaced_between_steps_is_used_like_an_in_place_change(how):
-    # The step keeps views of the states between steps: an assigned state (ReLoRA-style resets)
-    # was ignored while state_dict() saved it. A stack member and the lone parameter, reset by
-    # assignment / an emptied or deleted state (fresh zeros), step as zeroing them in place does.
-    runs = []
-    for mode in ("in place", how):
-        params = make_params()
-        opt = emoq.EmoSens(params)
-        train(params, opt, 2)
-        for p in (params[0], params[-1]):
+def _reset_run(mode, where):
+    """Two steps, a reset of a stack member's and the lone parameter's states (between steps, or by
+    the closure of the third step), two more steps: the parameters and the saved states."""
+    params = make_params()
+    opt = emoq.EmoSens(params)
+    train(params, opt, 2)
+    resets = (params[0], params[-1])
+    if where == "between steps":
+        for p in resets:
             _replace(opt, p, mode)
         train(params, opt, 2, seed=3)
-        runs.append((params, opt.state_dict()["state"]))
-    (a, sa), (b, sb) = runs
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
-    assert sa.keys() == sb.keys() and all(torch.equal(sa[i][n], sb[i][n]) for i in sa for n in sa[i])
-
-
-@pytest.mark.parametrize("how", ["assigned", "emptied"])
-def test_a_state_replaced_inside_the_closure_is_used_like_an_in_place_change(how):
-    # States written by the closure (after the step began) were forgotten with the step's own
-    # writes; they are taken as those written between steps are.
-    runs = []
-    for mode in ("in place", how):
-        params = make_params()
-        opt = emoq.EmoSens(params)
-        train(params, opt, 2)
+    else:
         g = torch.Generator().manual_seed(3)
         grads = [torch.randn(p.shape, generator=g) for p in params]
 
-        def closure(mode=mode, params=params, opt=opt, grads=grads):
+        def closure():
             for p, grad in zip(params, grads):
-                p.grad = grad.clone()
-            for p in (params[0], params[-1]):
+                p.grad = grad
+            for p in resets:
                 _replace(opt, p, mode)
             return torch.tensor(1.5)
 
         opt.step(closure)
         train(params, opt, 1, seed=4)
-        runs.append((params, opt.state_dict()["state"]))
-    (a, sa), (b, sb) = runs
+    return params, opt.state_dict()["state"]
+
+
+@pytest.mark.parametrize("where", ["between steps", "inside the closure"])
+@pytest.mark.parametrize("how", ["assigned", "emptied", "deleted"])
+def test_a_state_replaced_between_steps_is_used_like_an_in_place_change(how, where):
+    # The step keeps views of the states between steps: an assigned state (ReLoRA-style resets)
+    # was ignored while state_dict() saved it, and one written by the closure (after the step
+    # began) was forgotten with the step's own writes. A stack member and the lone parameter,
+    # reset by assignment / an emptied or deleted state (fresh zeros), step as zeroing them in place does.
+    (a, sa), (b, sb) = _reset_run("in place", where), _reset_run(how, where)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert sa.keys() == sb.keys() and all(torch.equal(sa[i][n], sb[i][n]) for i in sa for n in sa[i])
 
