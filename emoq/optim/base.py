@@ -281,6 +281,10 @@ class ParamHome:
         """Each member's data_ptr, -1 for a non-contiguous one (never a view of its slot)."""
         return [p.data_ptr() if p.is_contiguous() else -1 for p in members]
 
+    def lived_in(self) -> bool:
+        """Whether a member lives in its slot."""
+        return any(ptr is not None for ptr in self.ptrs)
+
     def enter(self, members: tuple[Tensor, ...], ptrs: list[int]) -> list[int]:
         """Copy the values of the members not living in their slots in, and move in those that may
         move; returns the indices of those that stay where they are (copy back after the step)."""
@@ -920,26 +924,36 @@ class EmoOptimizer(Optimizer):
             self._run(opts, sig, values, unit, parts, residual, h, c)
             torch._foreach_copy_(members, views)
             return
+        home = self._home(unit)
+        ptrs = home.where(members)
+        back = self._move_in(home, members, ptrs) if ptrs != home.ptrs else ()  # () on the usual step
+        self._run(opts, sig, home.buf, unit, parts, residual, h, c)
+        if back:
+            torch._foreach_copy_([members[i] for i in back], [home.views[i] for i in back])
+        torch.autograd.graph.increment_version(members)  # written in place: autograd's saved-tensor check sees it
+
+    def _home(self, unit: Unit) -> ParamHome:
+        """The buffer a stack's members live in: the unit's, else the one kept for the same members,
+        else a new one (when the members' shape, dtype or device no longer fit, too)."""
+        members = unit.params
         home = unit.home
         if home is None or not home.fits(members[0]):
             home = self._homes.get(members)
             if home is None or not home.fits(members[0]):
                 home = ParamHome(members[0], len(members))
             unit.home = home
-        ptrs = home.where(members)
-        back = ()
-        if ptrs != home.ptrs:
-            back = home.enter(members, ptrs)
-            # kept while a member lives in it; a home nobody moved into (its members live in another
-            # stack's, e.g. when gradients come and go) is scratch for this plan only, as a stack's copy was
-            if len(back) < len(members):
-                self._homes[members] = home
-            elif self._homes.get(members) is home:
-                del self._homes[members]
-        self._run(opts, sig, home.buf, unit, parts, residual, h, c)
-        if back:
-            torch._foreach_copy_([members[i] for i in back], [home.views[i] for i in back])
-        torch.autograd.graph.increment_version(members)  # written in place: autograd's saved-tensor check sees it
+        return home
+
+    def _move_in(self, home: ParamHome, members: tuple[Tensor, ...], ptrs: list[int]) -> list[int]:
+        """:meth:`ParamHome.enter`, and keep ``home`` while a member lives in it: a home nobody moved
+        into (its members live in another stack's, e.g. when gradients come and go) is scratch for
+        this plan only, as a stack's copy was."""
+        back = home.enter(members, ptrs)
+        if home.lived_in():
+            self._homes[members] = home
+        elif self._homes.get(members) is home:
+            del self._homes[members]
+        return back
 
     def _chunked(self, sig: ParamSig, unit: Unit, residual: Tensor | None) -> bool:
         """Whether ``unit`` (one parameter) is stepped in pieces of at most :data:`CHUNK` elements:
