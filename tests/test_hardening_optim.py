@@ -5,6 +5,7 @@ validates, resume mid-accumulation is exact, torch.compile(opt.step) is refused.
 import copy
 import io
 import random
+import sys
 import warnings
 
 import numpy as np
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 import emoq
-from emoq.optim.base import grad_limit
+from emoq.optim.base import EmoOptimizer, grad_limit
 from tests.conftest import emo_record, same_tree, share_record, snapshot
 
 FAMILIES = [emoq.EmoSens, emoq.EmoAiry, emoq.EmoCats, emoq.EmoTion]
@@ -187,6 +188,79 @@ def test_a_step_that_raises_changes_nothing():
     with pytest.raises(RuntimeError, match="shape changed"):
         opt.step(loss=1.0)
     assert_unchanged(opt, before)
+
+
+def failing_run(monkeypatch, exc, after=0):
+    """Make the units' kernels raise ``exc`` from the ``after + 1``-th call on (before it writes)."""
+    real, calls = EmoOptimizer._run, []
+
+    def run(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) > after:
+            raise exc
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(EmoOptimizer, "_run", run)
+    return lambda: monkeypatch.setattr(EmoOptimizer, "_run", real)
+
+
+@pytest.mark.parametrize("pulse", ["v3.8", "adaptive"])
+@pytest.mark.parametrize("exc", [MemoryError("out of memory"), KeyboardInterrupt()])
+@pytest.mark.parametrize("at_step", [0, 2])
+def test_a_step_that_fails_before_its_first_write_is_undone(pulse, exc, at_step, monkeypatch, eager_kernels):
+    """Out of memory (or Ctrl-C) at the start of the update: the pulse, the recorded losses and
+    the probe's start points are put back, and trying again takes the step that never failed."""
+    def build():
+        torch.manual_seed(0)
+        ps = [torch.nn.Parameter(torch.randn(32, 32)), torch.nn.Parameter(torch.randn(16, 8))]
+        return ps, emoq.EmoCats(ps, pulse=pulse, state_precision="8bit", min_lowbit_size=256)
+
+    def grads(ps, i):
+        gen = torch.Generator().manual_seed(i)
+        for p in ps:
+            p.grad = torch.randn(p.shape, generator=gen)
+
+    (pa, a), (pb, b) = build(), build()
+    for i in range(at_step):
+        for ps, opt in ((pa, a), (pb, b)):
+            grads(ps, i)
+            opt.step(loss=1.0 / (i + 1))
+    grads(pa, at_step)
+    a.record_loss(0.25)
+    before, pulse_before = snapshot(a), a.emo_pulse.state_dict()
+    restore = failing_run(monkeypatch, exc)
+    with pytest.raises(type(exc)) as caught:
+        a.step()
+    restore()
+    if sys.version_info >= (3, 11):
+        assert "failed in unit 1 of 2" in caught.value.__notes__[0]
+    assert a.emo_pulse.state_dict() == pulse_before
+    if at_step:  # the first step also made the (zero) states it was about to use: equal to fresh ones
+        assert_unchanged(a, before)
+    a.step()  # the recorded loss was kept
+    grads(pb, at_step)
+    b.record_loss(0.25)
+    b.step()
+    assert all(torch.equal(x, y) for x, y in zip(pa, pb))
+    assert same_tree(a.state_dict(), b.state_dict())
+
+
+def test_a_step_that_fails_after_a_unit_was_written_says_so(monkeypatch, eager_kernels):
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(32, 32)), torch.nn.Parameter(torch.randn(16, 8))]
+    opt = emoq.EmoSens(ps, pulse="adaptive")
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    opt.step(loss=1.0)
+    pulse, values = opt.emo_pulse.state_dict(), [p.detach().clone() for p in ps]
+    restore = failing_run(monkeypatch, MemoryError("out of memory"), after=1)
+    with pytest.raises(MemoryError) as caught:
+        opt.step(loss=0.5)
+    restore()
+    assert opt.emo_pulse.state_dict() == pulse
+    assert sum(not torch.equal(p, v) for p, v in zip(ps, values)) == 1  # the first unit kept its update
+    if sys.version_info >= (3, 11):
+        assert "failed in unit 2 of 2" in caught.value.__notes__[0] and "1 units before it" in caught.value.__notes__[0]
 
 
 # ---------------------------------------------------------------- item 4: load_state_dict validates

@@ -389,6 +389,36 @@ for _name in ("popitem", "clear", "update", "setdefault", "__ior__"):
     _noting(_WatchedStates, _name, every=True)
 
 
+class _Undo:
+    """What a step changes before its units write, kept to put back when the update fails in
+    the middle (out of memory, ``KeyboardInterrupt``): the pulse, the recorded losses, the last
+    loss and the probe's start points recorded this step. The values the units already wrote
+    cannot be put back (that would need a copy of every parameter and state): the exception says
+    how many were written. A step that fails before its first write (memory that runs out at the
+    start of the first unit) leaves every value as it was, so that trying it again takes the
+    step that never failed (tested)."""
+
+    def __init__(self, opt: EmoOptimizer, recorded: tuple[Any, int]) -> None:
+        self.opt, self.recorded, self.last_loss = opt, recorded, opt._last_loss
+        self.pulse = dict(vars(opt._pulse))  # plain Python scalars
+        self.written = set(opt._written)  # parameters whose state dict was written before this point
+        self.probed: set = set()  # parameters the probe recorded a start point for, this step
+
+    def __call__(self, exc: BaseException, done: int | None, units: int) -> None:
+        opt = self.opt
+        vars(opt._pulse).clear()
+        vars(opt._pulse).update(self.pulse)
+        opt._recorded_sum, opt._recorded_count = self.recorded
+        opt._last_loss = self.last_loss
+        for p in self.probed:
+            opt.state[p].pop(PROBE_STATE, None)
+        if done is not None and hasattr(exc, "add_note"):  # Python >= 3.11; None: no unit started
+            exc.add_note(f"emoq: {type(opt).__name__}.step() failed in unit {done + 1} of {units} (a parameter, or a "
+                         f"stack of small ones); the pulse and the recorded losses are as before the step. "
+                         f"{done} units before it keep their update and the failed one may be partly written: "
+                         "reload a checkpoint to continue exactly.")
+
+
 class EmoOptimizer(Optimizer):
     """Base of EmoSens, EmoAiry, EmoCats and EmoTion (not used directly).
 
@@ -717,6 +747,7 @@ class EmoOptimizer(Optimizer):
             loss_value, finite = reduce_loss(loss_value, grads_ok, device)
             if finite:
                 self._pulse.check_loss(loss_value)  # a loss the pulse refuses: nothing has changed yet
+            recorded = (self._recorded_sum, self._recorded_count)
             self.discard_recorded_losses()
             if not finite:
                 self.skipped_steps += 1
@@ -726,18 +757,27 @@ class EmoOptimizer(Optimizer):
                                   "large its square overflows fp32; step skipped (parameters, states and pulse "
                                   "unchanged; see .skipped_steps; warned once)", RuntimeWarning, stacklevel=2)
                 return result
+            undo = _Undo(self, recorded)
             self._last_loss = loss_value
-            probe = None  # only a pulse that measures tensors (the adaptive one) gets the parameter list
-            if self._pulse.needs_probe:
-                probe = self._pulse.measure([p for _, u in units for p in u.params], self.state)
-            lr = self._pulse.update(loss_value, probe)
-            hypers: dict[tuple, tuple[Hyper, Tensor | None]] = {}  # per group and device
-            for group, unit in units:
-                key = (id(group), unit.params[0].device)
-                if key not in hypers:
-                    h = Hyper.of(lr, group, self._pulse.steps)
-                    hypers[key] = (h, h.as_tensor(key[1]) if self._runner.compiling else None)
-                self._step_unit(group, unit, *hypers[key])
+            done = None  # units written, once the first starts
+            try:
+                probe = None  # only a pulse that measures tensors (the adaptive one) gets the parameter list
+                if self._pulse.needs_probe:
+                    probe = self._pulse.measure([p for _, u in units for p in u.params], self.state)
+                    undo.probed = self._written - undo.written
+                lr = self._pulse.update(loss_value, probe)
+                hypers: dict[tuple, tuple[Hyper, Tensor | None]] = {}  # per group and device
+                done = 0
+                for group, unit in units:
+                    key = (id(group), unit.params[0].device)
+                    if key not in hypers:
+                        h = Hyper.of(lr, group, self._pulse.steps)
+                        hypers[key] = (h, h.as_tensor(key[1]) if self._runner.compiling else None)
+                    self._step_unit(group, unit, *hypers[key])
+                    done += 1
+            except BaseException as exc:  # out of memory, KeyboardInterrupt in the middle of the update
+                undo(exc, done, len(units))
+                raise
             for group in self.param_groups:
                 group["lr"] = lr
             return result
