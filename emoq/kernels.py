@@ -24,7 +24,8 @@ way in both, so the compiled step is bit-identical to the eager one where the ma
 element-wise (tests/test_kernels.py; see docs/precision.md for what is and is not).
 
 Compilation failures (no C++ compiler, unsupported backend) warn once, loudly, and every later
-step runs eagerly: the same function, the reference path, only slower.
+step runs eagerly: the same function, the reference path, only slower. Memory that runs out in a
+compiled call is not a compile failure: it is raised (:func:`out_of_memory`), and compiling stays on.
 """
 
 from __future__ import annotations
@@ -69,6 +70,14 @@ slower on 885 K-element weights, where the faults were rare (bench/README.md "Pa
 # which silently disables error feedback)
 COMPILE_OPTIONS: dict[str, Any] = {"fullgraph": True, "dynamic": False,
                                    "options": {"assert_indirect_indexing": False, "emulate_precision_casts": True}}
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` is memory running out (CUDA's ``torch.OutOfMemoryError``, Python's
+    ``MemoryError``, or the CPU allocator's ``RuntimeError``), which a compiled call may raise
+    at run time: not a compile failure, so it is raised, and compiling stays on."""
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
 
 
 def compile_enabled() -> bool:
@@ -354,6 +363,8 @@ class Runner:
             try:
                 return compiled(g)
             except Exception as exc:  # compile unavailable (no compiler, unsupported backend, ...)
+                if out_of_memory(exc):
+                    raise
                 self._fail(fn, exc)
         return param_stats(fn, extent, g)
 
@@ -376,6 +387,8 @@ class Runner:
                 compiled(p.detach(), g, stats, parts, residual, c)
                 return
             except Exception as exc:  # raised while compiling, before anything was written
+                if out_of_memory(exc):
+                    raise
                 self._fail(rule, exc)
         if torch.compiler.is_compiling():  # traced inline into a caller's graph: tensor scalars
             h = Hyper.from_tensor(h.as_tensor(p.device))
@@ -397,6 +410,8 @@ class Runner:
         try:
             compiled[0](p.detach(), g, stats, parts, residual, c, scratch)
         except Exception as exc:  # raised while compiling, before anything was written
+            if out_of_memory(exc):
+                raise
             self._fail(rule, exc)
             param_step(rule, dict(okey), sig, p, g, stats, parts, residual, h)
             return
@@ -409,7 +424,8 @@ class Runner:
         try:
             peaks = compiled[1](blocked, by_block, c)
         except Exception as exc:  # the parameter is written: finish the states from scratch eagerly
-            self._fail(rule, exc)
+            if not out_of_memory(exc):  # out of memory: finish this call eagerly, compiling stays on
+                self._fail(rule, exc)
             peaks = store_lowbit(sig, parts, scratch, h.step)
         write_scales(sig, parts, peaks)
 

@@ -508,6 +508,63 @@ def test_two_phase_compile_failure_never_leaves_a_step_half_done(failing, monkey
     for (n1, a), (n2, b) in zip(_lowbit_state_values(opt, fast), _lowbit_state_values(o_ref, ref)):
         assert n1 == n2 and torch.equal(a, b), n1
 
+OOM = {"cpu": lambda: RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't "
+                                   "allocate memory: you tried to allocate 67108864 bytes. Error code 12"),
+       "cuda": lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 64.00 MiB"),
+       "python": lambda: MemoryError()}
+
+
+@pytest.mark.parametrize("where", ["emoq_step", "emoq_stats", "emoq_step_to_scratch", "emoq_store_lowbit"])
+@pytest.mark.parametrize("kind", sorted(OOM))
+def test_memory_running_out_in_a_compiled_call_is_raised_and_compiling_stays_on(where, kind, monkeypatch):
+    # Memory that runs out while a compiled call runs is not a compile failure: no "compile failed"
+    # warning, no switch to the (slower, hungrier) eager path for good. The call that needs the
+    # memory raises (the step puts its pulse back); once memory is there the next step is compiled
+    # and equals the reference path's. The second call of a two-phase step runs after the
+    # parameter was written: it finishes eagerly, this once.
+    real = torch.compile
+    short = [False]
+
+    def compile_oom(fn, **kw):
+        compiled = real(fn, **kw)
+        if fn.__name__ != where:
+            return compiled
+
+        def call(*args, **kwargs):
+            if short[0]:
+                raise OOM[kind]()
+            return compiled(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(kernels, "_COMPILED", {})
+    monkeypatch.setattr(kernels.torch, "compile", compile_oom)
+    cls, precision = {"emoq_step": (emoq.EmoSens, "fp32"), "emoq_stats": (emoq.EmoTion, "fp32")}.get(
+        where, (emoq.EmoSens, "8bit"))
+    if precision == "8bit":
+        monkeypatch.setattr(kernels, "SCRATCH_MIN", 1)
+    shapes = [(64, 64)] * 2 + [(128, 64)] if where == "emoq_stats" else STACK  # factored: EmoTion's statistics
+    fast, ref = make_params(shapes), make_params(shapes)
+    opt = cls(fast, state_precision=precision, min_lowbit_size=0)
+    o_ref = cls(ref, fused=False, state_precision=precision, min_lowbit_size=0)
+    train(fast, opt, 1)
+    train(ref, o_ref, 1)
+    pulse, short[0] = opt.emo_pulse.state_dict(), True
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "torch.compile ... failed" warning
+        if where == "emoq_store_lowbit":
+            train(fast, opt, 1, seed=2)  # finished eagerly
+            train(ref, o_ref, 1, seed=2)
+        else:
+            with pytest.raises(type(OOM[kind]())):
+                train(fast, opt, 1, seed=2)
+            assert opt.emo_pulse.state_dict() == pulse
+    assert opt._runner.compiling
+    short[0] = False
+    train(fast, opt, 2, seed=3)
+    train(ref, o_ref, 2, seed=3)
+    assert all(torch.equal(a, b) for a, b in zip(fast, ref))
+
+
 @pytest.mark.parametrize("value,want", [("0", False), ("off", False), ("1", True), ("", True)])
 def test_compile_switch(value, want, monkeypatch):
     monkeypatch.setenv("EMOQ_COMPILE", value)
