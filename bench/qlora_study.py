@@ -47,6 +47,10 @@ def cls_and_kwargs(spec: str) -> tuple[type, dict[str, Any]]:
 
         family, precision, pulse, scope = words[0], words[1], words[2], float(words[3].split("=")[1])
         cls = getattr(emoq, family)
+        if pulse.startswith(("veto:", "armijo:")):  # the same-minibatch Armijo research (bench/armijo.py)
+            from bench import armijo
+
+            return armijo.optimizer_class(family, pulse), dict(lr=scope, state_precision=precision)
         if pulse.startswith("cand:"):  # a research candidate (bench/pulse_candidates.py)
             from bench import pulse_candidates
 
@@ -128,6 +132,10 @@ class _Seeded:
             callbacks.insert(0, EmoCallback())
         with tempfile.TemporaryDirectory() as tmp:
             args = training_arguments(self.recipe, Path(tmp), progress=False)
+            if getattr(cls, "needs_reeval", False):
+                from bench.armijo import reeval_trainer
+
+                Trainer = reeval_trainer()  # noqa: N806
             trainer = Trainer(model=self.model, args=args, train_dataset=self.train_ds, eval_dataset=self.eval_ds,
                               optimizer_cls_and_kwargs=(cls, kwargs), callbacks=callbacks)
             t0 = time.perf_counter()

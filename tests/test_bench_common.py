@@ -126,3 +126,41 @@ def test_interleaved_timing_steps_every_optimizer_round_robin(monkeypatch):
     assert list(got) == ["adamw", "cats", "broken"] and "ZeroDivisionError" in got["broken"]["error"]
     assert all(len(got[n]["times_s"]) == 3 and got[n]["median_s"] > 0 for n in ("adamw", "cats"))
     assert order[2:] == [("AdamW", 1), ("EmoCats", 1), ("AdamW", 2), ("EmoCats", 2), ("AdamW", 3), ("EmoCats", 3)]
+
+
+def test_armijo_harness_library_mode_is_the_library_run():
+    # bench/armijo.py's loop (its own copy of Task.run's) gives the library's pulse the same run:
+    # the ratios its other modes act on are measured around the real step.
+    from bench import armijo
+    from bench.tasks import Digits
+
+    task = Digits()
+    task.steps = 40
+    ours = armijo.run_task(task, 100, "library")
+    theirs = task.run(lambda ps: emoq.EmoSens(ps, pulse="adaptive"), 100)
+    assert ours["test_loss"] == theirs.test_loss
+    veto = armijo.run_task(task, 100, "veto:c=0.65")
+    assert len(veto["ratio_deciles"]) == 10 and all(-10 < r < 10 for r in veto["ratio_deciles"])
+
+
+def test_armijo_ratio_is_one_for_a_linear_loss_and_a_low_ratio_vetoes_growth():
+    from bench import armijo
+
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(64))
+    a = torch.randn(64)
+    opt = emoq.EmoSens([w], pulse="adaptive", weight_decay=0.0)
+    ctl = armijo.Armijo(opt, "veto:c=0.65")
+    for _ in range(3):
+        opt.zero_grad()
+        loss = 10.0 + torch.dot(a, w)
+        loss.backward()
+        ctl.step(loss.item(), lambda: 10.0 + torch.dot(a, w), loss=loss)
+    assert ctl.ratios == pytest.approx([1.0] * 3, abs=1e-4)  # the loss is linear along any step
+    pulse = armijo.Veto(1.0, 1e-10, (1e-6, 1e-7), rule_kind="adam")
+    aligned = (1.0, 1.0, 1.0, 1.0)  # cos = 1: the library's rule grows eta
+    etas = []
+    for ratio in (None, None, 0.1, 0.1, 0.9):
+        pulse.ratio_avg = ratio
+        etas.append(pulse.update(1.0, aligned))  # a flat loss: no back-off
+    assert etas[1] > etas[0] and etas[2] == etas[3] == etas[1] and etas[4] > etas[3]

@@ -413,10 +413,10 @@ class _Undo:
         for p in self.probed:
             opt.state[p].pop(PROBE_STATE, None)
         if done is not None and hasattr(exc, "add_note"):  # Python >= 3.11; None: no unit started
+            before = f"{done} unit(s) before it keep their update" if done else "no unit before it was written"
             exc.add_note(f"emoq: {type(opt).__name__}.step() failed in unit {done + 1} of {units} (a parameter, or a "
-                         f"stack of small ones); the pulse and the recorded losses are as before the step. "
-                         f"{done} units before it keep their update and the failed one may be partly written: "
-                         "reload a checkpoint to continue exactly.")
+                         f"stack of small ones); the pulse and the recorded losses are as before the step, {before}, "
+                         "and the failed one may be partly written: reload a checkpoint to continue exactly.")
 
 
 class EmoOptimizer(Optimizer):
