@@ -74,10 +74,13 @@ COMPILE_OPTIONS: dict[str, Any] = {"fullgraph": True, "dynamic": False,
 
 def out_of_memory(exc: BaseException) -> bool:
     """Whether ``exc`` is memory running out (CUDA's ``torch.OutOfMemoryError``, Python's
-    ``MemoryError``, or the CPU allocator's ``RuntimeError``), which a compiled call may raise
-    at run time: not a compile failure, so it is raised, and compiling stays on."""
-    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or (
-        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc))
+    ``MemoryError``, or a ``RuntimeError`` of the CPU allocator — "can't allocate memory" — or of
+    another backend — "MPS backend out of memory"), which a compiled call may raise at run time:
+    not a compile failure, so it is raised, and compiling stays on."""
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text)
 
 
 def compile_enabled() -> bool:
