@@ -91,11 +91,11 @@ class Armijo:
             return float(sum(torch.dot(p.grad.reshape(-1).double(), p.detach().reshape(-1).double())
                              for g in self.opt.param_groups for p in g["params"] if p.grad is not None))
 
-    def step(self, before: float, reeval: Any, **step_kw: Any) -> Any:
-        """``opt.step(**step_kw)``, then the ratio of ``before`` (this minibatch's loss) and
-        ``reeval()`` (the same minibatch's loss after the step)."""
+    def step(self, before: float, reeval: Any, take_step: Any) -> Any:
+        """``take_step()`` (the optimizer's real step), then the ratio of ``before`` (this minibatch's
+        loss) and ``reeval()`` (the same minibatch's loss after the step)."""
         gx0 = self._gx() if self.kind != "library" else 0.0
-        out = self.opt.step(**step_kw)
+        out = take_step()
         if self.kind == "library":
             return out
         gx1 = self._gx()
@@ -130,7 +130,7 @@ def run_task(task: Any, seed: int, mode: str, precision: str = "fp32") -> dict[s
         opt.zero_grad(set_to_none=True)
         loss = task.loss(model, x, y)
         loss.backward()
-        ctl.step(loss.item(), lambda x=x, y=y: task.loss(model, x, y), loss=loss)
+        ctl.step(loss.item(), lambda x=x, y=y: task.loss(model, x, y), lambda loss=loss: opt.step(loss=loss))
         etas.append(opt.pulse)
         curve.append(loss.item())
     with torch.no_grad():
@@ -158,13 +158,13 @@ def optimizer_class(family: str, mode: str) -> type:
             self.reeval = None
 
         def step(self, closure: Any = None, *, loss: Any = None) -> Any:
-            if getattr(self, "armijo", None) is None or self.reeval is None:  # construction-time calls
+            if self.reeval is None:  # no minibatch to re-evaluate (e.g. a checkpoint's state-init step)
                 return base.step(self, closure, loss=loss)
             if loss is None and self._recorded_count:
                 loss = float(self._recorded_sum.item()) / self._recorded_count
                 self.discard_recorded_losses()
             reeval, self.reeval = self.reeval, None
-            return self.armijo.step(float(loss), reeval, loss=loss)
+            return self.armijo.step(float(loss), reeval, lambda: base.step(self, closure, loss=loss))
 
     WithArmijo.__name__ = base.__name__
     return WithArmijo

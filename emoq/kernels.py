@@ -366,8 +366,6 @@ class Runner:
             try:
                 return compiled(g)
             except Exception as exc:  # compile unavailable (no compiler, unsupported backend, ...)
-                if out_of_memory(exc):
-                    raise
                 self._fail(fn, exc)
         return param_stats(fn, extent, g)
 
@@ -390,8 +388,6 @@ class Runner:
                 compiled(p.detach(), g, stats, parts, residual, c)
                 return
             except Exception as exc:  # raised while compiling, before anything was written
-                if out_of_memory(exc):
-                    raise
                 self._fail(rule, exc)
         if torch.compiler.is_compiling():  # traced inline into a caller's graph: tensor scalars
             h = Hyper.from_tensor(h.as_tensor(p.device))
@@ -413,8 +409,6 @@ class Runner:
         try:
             compiled[0](p.detach(), g, stats, parts, residual, c, scratch)
         except Exception as exc:  # raised while compiling, before anything was written
-            if out_of_memory(exc):
-                raise
             self._fail(rule, exc)
             param_step(rule, dict(okey), sig, p, g, stats, parts, residual, h)
             return
@@ -433,6 +427,10 @@ class Runner:
         write_scales(sig, parts, peaks)
 
     def _fail(self, what: Callable[..., Any], exc: Exception) -> None:
+        """Called in the ``except`` of a compiled call: memory that ran out is raised again (compiling
+        stays on); any other failure turns compiling off for good, with one loud warning."""
+        if out_of_memory(exc):
+            raise exc
         self.failed = True
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         warnings.warn(f"emoq: torch.compile of {getattr(what, '__name__', 'the step')} failed ({type(exc).__name__}: "

@@ -155,7 +155,7 @@ def test_armijo_ratio_is_one_for_a_linear_loss_and_a_low_ratio_vetoes_growth():
         opt.zero_grad()
         loss = 10.0 + torch.dot(a, w)
         loss.backward()
-        ctl.step(loss.item(), lambda: 10.0 + torch.dot(a, w), loss=loss)
+        ctl.step(loss.item(), lambda: 10.0 + torch.dot(a, w), lambda loss=loss: opt.step(loss=loss))
     assert ctl.ratios == pytest.approx([1.0] * 3, abs=1e-4)  # the loss is linear along any step
     pulse = armijo.Veto(1.0, 1e-10, (1e-6, 1e-7), rule_kind="adam")
     aligned = (1.0, 1.0, 1.0, 1.0)  # cos = 1: the library's rule grows eta
