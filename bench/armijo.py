@@ -28,6 +28,7 @@ import argparse
 import json
 import math
 import statistics
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -35,12 +36,26 @@ import torch
 import emoq
 from emoq.pulse import EmoPulse, EmoPulseAdaptive
 
+KEYS = {"armijo": {"c", "up", "down", "beta", "eta0"}, "veto": {"c", "beta"}, "library": set()}
+
 
 def parse(mode: str) -> tuple[str, dict[str, float]]:
+    """``"kind:key=value,..."`` as ``(kind, {key: value})``; ``ValueError`` names what is wrong."""
     kind, _, arg = mode.partition(":")
-    if kind not in ("armijo", "veto", "library"):
-        raise ValueError(f"unknown mode {mode!r}")
-    return kind, {k: float(v) for k, v in (kv.split("=") for kv in arg.split(",") if kv)}
+    if kind not in KEYS:
+        raise ValueError(f"unknown mode {mode!r}: one of {sorted(KEYS)}, e.g. 'veto:c=0.65'")
+    kw = {}
+    for pair in filter(None, arg.split(",")):
+        key, eq, value = pair.partition("=")
+        if not eq or key not in KEYS[kind]:
+            raise ValueError(f"mode {mode!r}: {pair!r} is not key=value with a key in {sorted(KEYS[kind])}")
+        try:
+            kw[key] = float(value)
+        except ValueError:
+            raise ValueError(f"mode {mode!r}: {key}={value!r} is not a number") from None
+        if not math.isfinite(kw[key]):
+            raise ValueError(f"mode {mode!r}: {key} must be finite")
+    return kind, kw
 
 
 class Driven(EmoPulse, register=False):
@@ -200,6 +215,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--precision", default="fp32")
     ap.add_argument("--out", default=None, help="a JSON-lines file to append the runs to")
     args = ap.parse_args(argv)
+    for mode in args.modes:
+        parse(mode)  # every mode checked before the first run
+    out = Path(args.out).expanduser() if args.out else None
+    if out is not None:
+        with open(out, "a"):  # appends, never truncates; a path that cannot be written fails here, first
+            pass
     torch.set_num_threads(1)
     task = TASKS[args.task]()
     for mode in args.modes:
@@ -208,8 +229,8 @@ def main(argv: list[str] | None = None) -> None:
             r = run_task(task, seed, mode, args.precision)
             tests.append(r["test_loss"])
             print(json.dumps(r), flush=True)
-            if args.out:
-                with open(args.out, "a") as f:
+            if out is not None:
+                with open(out, "a") as f:
                     f.write(json.dumps(r) + "\n")
         print(f"# {args.task} {mode} {args.precision}: mean held-out loss {statistics.mean(tests):.4f} "
               f"over {len(tests)} seeds", flush=True)

@@ -164,3 +164,13 @@ def test_armijo_ratio_is_one_for_a_linear_loss_and_a_low_ratio_vetoes_growth():
         pulse.ratio_avg = ratio
         etas.append(pulse.update(1.0, aligned))  # a flat loss: no back-off
     assert etas[1] > etas[0] and etas[2] == etas[3] == etas[1] and etas[4] > etas[3]
+
+
+@pytest.mark.parametrize("mode", ["veto:c", "veto:c=abc", "bogus", "veto:up=1", "veto:c=nan"])
+def test_armijo_modes_are_checked_before_any_run(mode, tmp_path):
+    from bench import armijo
+
+    out = tmp_path / "runs.jsonl"
+    with pytest.raises(ValueError, match="mode"):
+        armijo.main(["--task", "digits", "--seeds", "100", "--modes", "library", mode, "--out", str(out)])
+    assert not out.exists()  # nothing ran, nothing written
