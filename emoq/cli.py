@@ -6,7 +6,33 @@ import argparse
 import sys
 
 
+def _end_process_group(existed: bool) -> None:
+    """Destroy the default process group if this command created it (accelerate does, lazily,
+    under ``torchrun``): a process that exits with a live gloo group can abort in interpreter
+    finalisation (``terminate called without an active exception``, SIGABRT; measured once in
+    CI's two-process test), turning a finished run into a failed launch. A group that existed
+    before the command (a caller's own) is left alone."""
+    import torch.distributed as dist
+
+    if existed or not (dist.is_available() and dist.is_initialized()):
+        return
+    from accelerate.state import AcceleratorState
+
+    dist.destroy_process_group()
+    AcceleratorState._reset_state(reset_partial_state=True)  # a later run in this process starts afresh
+
+
 def _finetune(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    existed = dist.is_available() and dist.is_initialized()
+    try:
+        return _run_finetune(args)
+    finally:
+        _end_process_group(existed)
+
+
+def _run_finetune(args: argparse.Namespace) -> int:
     from emoq.recipes.config import RecipeError, load_recipe
 
     if args.no_progress:  # the libraries' own bars too (model loading, dataset preparation)

@@ -174,9 +174,14 @@ def main(argv: list[str]) -> None:
     tiny, out, scenarios = Path(argv[0]), Path(argv[1]), argv[2:]
     torch.set_num_threads(1)
     rank = int(os.environ.get("RANK", "0"))
-    for scenario in scenarios:
-        result = run(tiny, out, scenario)
-        (out / f"{scenario}-rank{rank}.json").write_text(json.dumps(result))
+    try:
+        for scenario in scenarios:
+            result = run(tiny, out, scenario)
+            (out / f"{scenario}-rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        # exiting with a live gloo group can abort in interpreter finalisation (SIGABRT, seen in CI)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -87,3 +87,47 @@ def test_real_smollm2_two_steps(tmp_path):
     assert metrics["trainable_parameters"] > 1e6  # LoRA on all linear layers of a 135M model
     assert 1 < metrics["eval_before"]["perplexity"] < 1000  # a real language model, not random init
     assert (tmp_path / "cache" / "models" / "SmolLM2-135M-Instruct.Q4_1" / "model.safetensors").is_file()
+
+
+def _gloo_group(path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=0, world_size=1)
+
+
+@pytest.mark.parametrize("outcome", ["returns", "raises"])
+def test_finetune_destroys_the_process_group_it_created(tiny_dir, tmp_path, monkeypatch, outcome):
+    # under torchrun accelerate creates the group inside the run; a process that exits with a
+    # live gloo group can abort in interpreter finalisation (SIGABRT, seen in CI)
+    import torch.distributed as dist
+
+    import emoq.recipes.run
+
+    def fake_finetune(recipe, progress=True):
+        _gloo_group(tmp_path / "store")
+        if outcome == "raises":
+            raise RuntimeError("boom")
+        return {"main_process": False}
+
+    monkeypatch.setattr(emoq.recipes.run, "finetune", fake_finetune)
+    assert not dist.is_initialized()
+    if outcome == "raises":
+        with pytest.raises(RuntimeError, match="boom"):
+            main(tiny_args(tiny_dir, tmp_path / "run"))
+    else:
+        assert main(tiny_args(tiny_dir, tmp_path / "run")) == 0
+    assert not dist.is_initialized()
+
+
+def test_finetune_leaves_a_process_group_it_did_not_create(tiny_dir, tmp_path, monkeypatch):
+    import torch.distributed as dist
+
+    import emoq.recipes.run
+
+    monkeypatch.setattr(emoq.recipes.run, "finetune", lambda recipe, progress=True: {"main_process": False})
+    _gloo_group(tmp_path / "store")
+    try:
+        assert main(tiny_args(tiny_dir, tmp_path / "run")) == 0
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()

@@ -7,6 +7,7 @@ with a checkpoint and ``resume_from_checkpoint``, SFTTrainer, and the CLI.
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -35,8 +36,16 @@ def two_processes(tiny_dir, tmp_path_factory):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
            "tests.dist_trainer", str(tiny_dir), str(out), *SCENARIOS]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, failure_report(out, proc.stderr)
     return out, {s: [json.loads((out / f"{s}-rank{r}.json").read_text()) for r in (0, 1)] for s in SCENARIOS}
+
+
+def failure_report(out, stderr):
+    """What a failed launch shows: the scenarios each rank finished and its stderr without the
+    progress bars (which otherwise fill the tail a failure message keeps)."""
+    done = sorted(p.name for p in out.glob("*-rank*.json"))
+    lines = [line for line in stderr.splitlines() if not re.search(r"(examples|it)/s\]", line)]
+    return f"finished: {done}\n" + "\n".join(lines)[-6000:]
 
 
 def check_run(run, world, *, loss_rel):
