@@ -65,6 +65,10 @@ def build(spec: str, params: list) -> Any:
             opt = cls(params, lr=scope, state_precision=precision)
             pulse_candidates.install(opt, pulse[5:])
             return opt
+        if pulse == "adaptive+recheck":  # the adaptive pulse fed step(recheck=...) by Task.run
+            opt = cls(params, lr=scope, state_precision=precision, pulse="adaptive")
+            opt.bench_recheck = True
+            return opt
         return cls(params, lr=scope, state_precision=precision, pulse=pulse)
     if words[0] == "AdamW":
         return torch.optim.AdamW(params, lr=float(words[1].split("=")[1]), weight_decay=0.01)

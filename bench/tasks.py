@@ -48,11 +48,13 @@ def effective_lr(opt: Any) -> float:
     return float(group.get("scheduled_lr", group["lr"]))
 
 
-def optimizer_step(opt: Any, loss: torch.Tensor) -> None:
+def optimizer_step(opt: Any, loss: torch.Tensor, recheck: Callable[[], Any] | None = None) -> None:
+    """``opt``'s step; an Emo optimizer gets the loss, and ``recheck`` when built with one
+    (``bench_recheck``: the ``adaptive+recheck`` specs)."""
     import emoq
 
     if isinstance(opt, emoq.EmoOptimizer):
-        opt.step(loss=loss)
+        opt.step(loss=loss, recheck=recheck if getattr(opt, "bench_recheck", False) else None)
     else:
         opt.step()
 
@@ -87,7 +89,7 @@ class Task:
             opt.zero_grad(set_to_none=True)
             loss = self.loss(model, x, y)
             loss.backward()
-            optimizer_step(opt, loss)
+            optimizer_step(opt, loss, lambda x=x, y=y: self.loss(model, x, y))
             value = loss.item()
             first = value if first is None else first
             curve.append(value)

@@ -588,3 +588,27 @@ def test_no_gradient_outlives_its_step(cls, pulse):
         opt.zero_grad(set_to_none=True)
         gc.collect()
         assert not any(r() is not None for r in refs), (bad, [r() is not None for r in refs])
+
+
+@pytest.mark.parametrize("family", ["EmoSens", "EmoAiry", "EmoCats", "EmoTion"])
+def test_float64_parameters_step_and_overflow_is_skipped(family):
+    # the range check's multi-tensor norm refused float64 gradients ("should be convertible without
+    # narrowing"): every step of a model.double() raised
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(*s, dtype=torch.float64)) for s in [(64, 300), (300,), (4, 4)]]
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    opt = getattr(emoq, family)(ps)
+    eager = getattr(emoq, family)(ref, fused=False)
+    for step in range(3):
+        for p, r in zip(ps, ref):
+            p.grad = torch.randn_like(p)
+            r.grad = p.grad.clone()
+        opt.step(loss=1.0 + step)
+        eager.step(loss=1.0 + step)
+    assert opt.skipped_steps == 0 and all(p.dtype == torch.float64 for p in ps)
+    assert all(torch.equal(p, r) for p, r in zip(ps, ref))
+    before = [p.detach().clone() for p in ps]
+    ps[1].grad[0] = 1e200  # finite in float64, its square beyond fp32: skipped like any overflow
+    with pytest.warns(RuntimeWarning, match="step skipped"):
+        opt.step(loss=1.0)
+    assert opt.skipped_steps == 1 and all(torch.equal(p, b) for p, b in zip(ps, before))

@@ -265,3 +265,65 @@ def test_lora_matrices_moved_into_one_buffer_train_and_save_in_the_trainer(tiny_
               if "lora_" in n}
     assert loaded.keys() == lora.keys()
     assert all(torch.equal(lora[n].detach(), loaded[n].detach()) for n in lora)
+
+
+def test_recheck_recomputes_the_update_loss_with_the_new_weights(tiny_dir, tmp_path):
+    # Independent check of the recheck: for every update, the summed next-token cross entropy over
+    # its two micro-batches divided by their token count, computed at the moment the optimizer
+    # calls the recheck (after the update), equals what the recheck returns.
+    from transformers import Trainer
+
+    micro, checks = [], []
+
+    class Recording(Trainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            micro.append({k: v.clone() for k, v in inputs.items()})
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    trainer = make_trainer(tiny_dir, tmp_path, callbacks=[EmoCallback(recheck=True)], trainer_cls=Recording,
+                           pulse="adaptive")
+    real_step = emoq.EmoAiry8bit.recheck_next
+
+    def recheck_next(self, fn):
+        def wrapped():
+            batches, total, tokens = micro[-2:], 0.0, 0
+            with torch.no_grad():
+                for b in batches:
+                    logits = trainer.model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+                    labels = b["labels"][:, 1:]
+                    total += torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels.flatten(),
+                                                               ignore_index=-100, reduction="sum").item()
+                    tokens += (labels != -100).sum().item()
+            got = fn()
+            checks.append((float(got), total / tokens))
+            return got
+        return real_step(self, None if fn is None else wrapped)
+
+    emoq.EmoAiry8bit.recheck_next = recheck_next
+    try:
+        logs = train_logs(trainer)
+    finally:
+        emoq.EmoAiry8bit.recheck_next = real_step
+    assert len(logs) == 6 and len(checks) == 6
+    for got, want in checks:
+        assert got == pytest.approx(want, rel=1e-5)
+    inner = trainer.optimizer.optimizer
+    assert inner.emo_pulse.ratio_avg is not None and -1 <= inner.emo_pulse.ratio_avg <= 1
+
+
+def test_recheck_is_refused_where_it_cannot_be_exact(tiny_dir, tmp_path):
+    from transformers import Trainer
+
+    class OwnLoss(Trainer):  # like TRL's SFTTrainer: may count metrics per compute_loss call
+        def compute_loss(self, *args, **kwargs):
+            return super().compute_loss(*args, **kwargs)
+
+    trainer = make_trainer(tiny_dir, tmp_path, callbacks=[EmoCallback(recheck=True)], trainer_cls=OwnLoss,
+                           pulse="adaptive")
+    with pytest.raises(ValueError, match="overrides it"):
+        trainer.train()
+    trainer = make_trainer(tiny_dir, tmp_path, callbacks=[EmoCallback(recheck=True)])  # pulse v3.8
+    with pytest.raises(ValueError, match="pulse='adaptive' only"):
+        trainer.train()
+    with pytest.raises(TypeError, match="recheck must be a bool"):
+        EmoCallback(recheck="yes")

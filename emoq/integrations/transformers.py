@@ -18,6 +18,9 @@ What it does, once training starts:
   ``learning_rate`` = the real step size η, ``emo_pulse`` (η of the last update), ``emo_loss``
   (the mean pulse loss since the last log, comparable to ``loss``) and ``emo_should_stop``;
 * optionally stops training when the stop signal holds for ``stop_after`` consecutive updates;
+* with ``recheck=True`` (``pulse="adaptive"``), keeps each micro-batch's inputs and gives the
+  optimizer a recheck (``recheck_next``) that computes the update's loss again, the same way,
+  with the updated weights: one more forward per micro-batch, under ``torch.no_grad()``;
 * keeps bitsandbytes from repacking NF4 weights for CPU inference during evaluations (the
   packed kernel has no autograd: training after it silently gets wrong gradients), and raises
   if that already happened.
@@ -106,12 +109,21 @@ class EmoCallback(TrainerCallback, ExportableState):
         trainer: the trainer, when the callback is added after construction
             (``trainer.add_callback(EmoCallback(trainer=trainer))``). Without it the callback
             finds the trainer that calls it at ``on_train_begin``.
+        recheck: feed ``pulse="adaptive"`` its recheck (see the module docstring and
+            :meth:`~emoq.EmoOptimizer.step`). Needs the Trainer's own ``compute_loss`` (a
+            subclass that overrides it, such as TRL's ``SFTTrainer``, may count metrics per call:
+            refused with ``ValueError`` at ``on_train_begin``) and an optimizer built with
+            ``pulse="adaptive"``.
     """
 
-    def __init__(self, stop_after: int | None = None, trainer: Trainer | None = None) -> None:
+    def __init__(self, stop_after: int | None = None, trainer: Trainer | None = None, recheck: bool = False) -> None:
         if stop_after is not None and (not isinstance(stop_after, int) or stop_after < 1):
             raise ValueError(f"stop_after must be a positive int or None, got {stop_after!r}")
+        if not isinstance(recheck, bool):
+            raise TypeError(f"recheck must be a bool, got {type(recheck).__name__}")
         self.stop_after = stop_after
+        self.recheck = recheck
+        self._micro_batches: list[tuple[Any, Any, Any]] = []
         self.trainer = trainer
         self.optimizer: EmoOptimizer | None = None
         self.stop_streak = 0
@@ -130,7 +142,9 @@ class EmoCallback(TrainerCallback, ExportableState):
         self.optimizer = unwrap_emo_optimizer(kwargs.get("optimizer") or trainer.optimizer)
         self._check_schedule(args)
         self._check_scope()
+        self._check_recheck(trainer)
         disable_bnb_cpu_inference_packing(kwargs.get("model") or trainer.model)
+        self._micro_batches = []
         self._install(trainer)
         self.stop_streak = self._saved_streak(state) if state.global_step > 0 else 0  # resumed, or a new run
         self._window = []
@@ -161,6 +175,36 @@ class EmoCallback(TrainerCallback, ExportableState):
         if problem:
             raise ValueError(problem)
 
+    def _check_recheck(self, trainer: Trainer) -> None:
+        if not self.recheck:
+            return
+        if type(trainer).compute_loss is not Trainer.compute_loss:
+            raise ValueError(f"EmoCallback(recheck=True) computes each micro-batch's loss again with "
+                             f"Trainer.compute_loss; {type(trainer).__name__} overrides it (it may count metrics "
+                             "per call), so the recheck is not supported there: use recheck=False")
+        self.optimizer._check_recheck(self._recheck_loss)  # the pulse must read it: ValueError otherwise
+
+    def _recheck_loss(self) -> torch.Tensor:
+        """The update's loss again, as ``training_step`` computes and scales it (sum over micro-batches)."""
+        trainer, total = self.trainer, None
+        for model, inputs, num_items in self._micro_batches:
+            with trainer.compute_loss_context_manager():
+                loss = trainer.compute_loss(model, inputs, num_items_in_batch=num_items)
+            if trainer.args.n_gpu > 1:
+                loss = loss.mean()
+            scaled = trainer.loss_is_scaled_for_ga
+            if scaled is None:
+                scaled = ((trainer.model_accepts_loss_kwargs and num_items is not None)
+                          or trainer.compute_loss_func is not None)
+            if not scaled:
+                loss = loss / trainer.current_gradient_accumulation_steps
+            value = loss.detach().float().reshape(-1).mean()
+            total = value if total is None else total + value
+        self._micro_batches = []
+        if total is None:
+            raise RuntimeError("EmoCallback(recheck=True) kept no micro-batch for this update")
+        return total
+
     def _install(self, trainer: Trainer) -> None:
         if self._originals:  # a second train() on the same trainer
             self._uninstall()
@@ -169,6 +213,9 @@ class EmoCallback(TrainerCallback, ExportableState):
 
         def training_step(model, inputs, *args, **kw):
             loss = original_step(model, inputs, *args, **kw)
+            if self.recheck:  # training_step's own arguments, prepared as it prepares them
+                num_items = args[0] if args else kw.get("num_items_in_batch")
+                self._micro_batches.append((model, trainer._prepare_inputs(inputs), num_items))
             # the Trainer's per-micro-batch loss, scaled for accumulation like the one it logs
             value = loss.detach().float().reshape(-1).mean()
             self._update_loss = value if self._update_loss is None else self._update_loss + value
@@ -197,6 +244,8 @@ class EmoCallback(TrainerCallback, ExportableState):
                                "replaced after training began?")
         opt.record_loss(self._update_loss)
         self._update_loss = None
+        if self.recheck:
+            opt.recheck_next(self._recheck_loss)
         self._counts_before = (opt.emo_pulse.steps, opt.skipped_steps)
 
     def on_optimizer_step(self, args, state, control, **kwargs):
@@ -207,6 +256,8 @@ class EmoCallback(TrainerCallback, ExportableState):
         elif skipped == self._counts_before[1]:
             # accelerate's GradScaler skipped optimizer.step() (inf grads in fp16): drop this update's loss
             opt.discard_recorded_losses()
+            opt.recheck_next(None)
+        self._micro_batches = []  # a skipped step did not call the recheck
 
     def on_step_end(self, args, state, control, **kwargs):
         opt = self.optimizer

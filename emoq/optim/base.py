@@ -119,6 +119,35 @@ def as_loss_float(loss: Any, what: str) -> float:
     raise TypeError(f"{what} must be a float or a 0-dim tensor, got {type(loss).__name__}")
 
 
+RECHECK_CHUNK = 1 << 20  # elements converted to float64 at a time (16 MB per operand)
+
+
+def grad_dot_params(params: Iterable[Tensor]) -> float:
+    """``<g, x>`` summed over ``params`` that have a gradient, in float64 (float32 on MPS, which
+    has no float64), converting ``RECHECK_CHUNK`` elements at a time; one device sync per device.
+
+    The recheck's predicted decrease is the difference of this sum before and after the update,
+    so it reads ``g`` and ``x`` twice per step instead of keeping a copy of ``x``."""
+    totals: dict[torch.device, Tensor] = {}
+    for p in params:
+        if p.grad is None:
+            continue
+        g, x = local(p.grad).reshape(-1), local(p.detach()).reshape(-1)
+        dtype = torch.float32 if x.device.type == "mps" else torch.float64
+        acc = totals.setdefault(x.device, torch.zeros((), dtype=dtype, device=x.device))
+        for i in range(0, x.numel(), RECHECK_CHUNK):
+            acc += torch.dot(g[i:i + RECHECK_CHUNK].to(dtype), x[i:i + RECHECK_CHUNK].to(dtype))
+    return math.fsum(float(t) for t in totals.values())
+
+
+def recheck_ratio(before: float, after: float, predicted: float) -> float:
+    """The recheck's ratio: the decrease achieved on the minibatch over the one ``<g, x - x_new>``
+    predicts, clamped to [-1, 1]; -1 when no decrease was predicted or ``after`` is not finite."""
+    if not (predicted > 0 and math.isfinite(after) and math.isfinite(predicted)):
+        return -1.0
+    return max(-1.0, min(1.0, (before - after) / predicted))
+
+
 @torch.compiler.disable(reason="emoq optimizers refuse torch.compile of step()")
 def _refuse_compile(name: str) -> None:
     # Reached only from code dynamo traced (torch.compiler.is_compiling() was True): dynamo cannot
@@ -151,9 +180,15 @@ def grads_in_range(norms: list[Tensor], squares: list[Tensor]) -> bool:
 
 
 def grad_norms(grads: list[Tensor]) -> list[Tensor]:
-    """The 2-norm of each gradient, in one call (torch's multi-tensor norm: one pass per tensor,
-    no Python per tensor)."""
-    return list(torch._foreach_norm(grads, 2, dtype=torch.float32)) if grads else []
+    """The 2-norm of each gradient as float32, in one call (torch's multi-tensor norm: one pass per
+    tensor, no Python per tensor). A float64 gradient's norm is taken in float64 and rounded once
+    (the multi-tensor norm refuses to narrow): one beyond fp32's range becomes inf and fails the
+    range check, like any other gradient whose squares overflow fp32."""
+    if not grads:
+        return []
+    if any(g.dtype == torch.float64 for g in grads):
+        return [torch.linalg.vector_norm(g).float() for g in grads]
+    return list(torch._foreach_norm(grads, 2, dtype=torch.float32))
 
 
 DOT_MIN = 1 << 16
@@ -716,8 +751,18 @@ class EmoOptimizer(Optimizer):
                 return None
         return cached[2]
 
-    def step(self, closure: Callable[[], Any] | None = None, *, loss: float | Tensor | None = None) -> Any:
+    def step(self, closure: Callable[[], Any] | None = None, *, loss: float | Tensor | None = None,
+             recheck: Callable[[], Any] | None = None) -> Any:
         """One update. The loss comes from ``closure``, ``loss=`` or the recorded micro-batch losses.
+
+        ``recheck`` (``pulse="adaptive"`` only): a callable returning the loss of the *same*
+        minibatch (all of this update's micro-batches, averaged like the step's loss) with the
+        updated weights. It runs once after the update, under ``torch.no_grad()``; the pulse
+        averages ``(loss - recheck()) / <g, x - x_new>`` and holds its growth while that average
+        is under ``VETO`` (:class:`~emoq.pulse.EmoPulseAdaptive`). Cost: one forward per update and
+        two reads of every gradient and parameter. Under ``torch.distributed`` every rank must
+        call it (its value is averaged over ranks). A skipped step does not call it. If it
+        raises, the update stays applied and no ratio is recorded.
 
         All or nothing: everything that can fail is checked before anything changes. A
         non-finite loss, or a gradient that is non-finite or whose sum of squares exceeds fp32
@@ -728,11 +773,34 @@ class EmoOptimizer(Optimizer):
         """
         if torch.compiler.is_compiling():
             _refuse_compile(type(self).__name__)
-        return self._step(closure, loss)
+        pending, self._recheck_next = self._recheck_next, None
+        if recheck is not None and pending is not None:
+            raise RuntimeError(f"{type(self).__name__}.step() got recheck= and a recheck_next() one; give one")
+        recheck = pending if recheck is None else recheck
+        if recheck is not None:
+            self._check_recheck(recheck)
+        return self._step(closure, loss, recheck)
+
+    _recheck_next: Callable[[], Any] | None = None
+
+    def recheck_next(self, recheck: Callable[[], Any] | None) -> None:
+        """Give the next ``step()`` its ``recheck`` (for integrations that do not call ``step()``
+        themselves, such as :class:`~emoq.integrations.transformers.EmoCallback`); the next
+        ``step()`` consumes it, applied or skipped. ``None`` withdraws one given."""
+        if recheck is not None:
+            self._check_recheck(recheck)
+        self._recheck_next = recheck
+
+    def _check_recheck(self, recheck: Any) -> None:
+        if not callable(recheck):
+            raise TypeError(f"recheck must be a callable returning the minibatch's loss, got {type(recheck).__name__}")
+        if not self._pulse.uses_recheck:
+            raise ValueError(f"{type(self).__name__}: recheck= is read by pulse='adaptive' only; this optimizer's "
+                             f"pulse is {self._pulse.name!r}")
 
     @torch.compiler.disable(reason="an emoq step runs eagerly (its low-bit kernels are compiled on their own)")
     @torch.no_grad()
-    def _step(self, closure: Callable[[], Any] | None, loss: Any) -> Any:
+    def _step(self, closure: Callable[[], Any] | None, loss: Any, recheck: Callable[[], Any] | None = None) -> Any:
         self._adopt_replaced_states()
         if closure is None and loss is None and self._is_state_init_step():
             self._init_states()
@@ -761,6 +829,8 @@ class EmoOptimizer(Optimizer):
             self._last_loss = loss_value
             done = None  # units written, once the first starts
             try:
+                if recheck is not None:
+                    dot_before = grad_dot_params(p for _, u in units for p in u.params)
                 probe = None  # only a pulse that measures tensors (the adaptive one) gets the parameter list
                 if self._pulse.needs_probe:
                     probe = self._pulse.measure([p for _, u in units for p in u.params], self.state)
@@ -780,12 +850,27 @@ class EmoOptimizer(Optimizer):
                 raise
             for group in self.param_groups:
                 group["lr"] = lr
+            if recheck is not None:
+                self._recheck(recheck, loss_value, dot_before, units, device)
             return result
         finally:  # the units are cached: holding this step's gradients would keep them alive after
             for _, unit in units:  # zero_grad(set_to_none=True), through the next backward (+1x gradient memory)
                 unit.grads.clear()
                 unit.g, unit.stats = None, ()
             self._written.clear()  # this step's own writes into the states
+
+    def _recheck(self, recheck: Callable[[], Any], before: float, dot_before: float, units: list, device: Any) -> None:
+        """After an applied update: the minibatch's loss again, and the ratio for the pulse."""
+        predicted = dot_before - grad_dot_params(p for _, u in units for p in u.params)
+        try:
+            value = recheck()
+            after = as_loss_float(value, "recheck()'s return value")
+        except BaseException as exc:
+            exc.add_note(f"{type(self).__name__}: the update was applied; its recheck failed, so the pulse "
+                         "recorded no ratio for it")
+            raise
+        after, finite = reduce_loss(after, True, device)
+        self._pulse.record_ratio(recheck_ratio(before, after if finite else math.inf, predicted))
 
     def _adopt_replaced_states(self) -> None:
         """Take states written from outside since the last step as :meth:`load_state_dict` takes
