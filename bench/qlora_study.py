@@ -59,6 +59,8 @@ def cls_and_kwargs(spec: str) -> tuple[type, dict[str, Any]]:
                 pulse_candidates.install(self, _cand)
 
             return type(family, (cls,), {"__init__": init}), dict(lr=scope, state_precision=precision)
+        if pulse == "adaptive+recheck":  # run() adds EmoCallback(recheck=True)
+            pulse = "adaptive"
         return cls, dict(lr=scope, state_precision=precision, pulse=pulse)
     if words[0] == "AdamW":
         return torch.optim.AdamW, dict(lr=float(words[1].split("=")[1]))
@@ -129,7 +131,7 @@ class _Seeded:
 
         callbacks = [Record()]
         if issubclass(cls, emoq.EmoOptimizer):
-            callbacks.insert(0, EmoCallback())
+            callbacks.insert(0, EmoCallback(recheck=spec.split()[2] == "adaptive+recheck"))
         with tempfile.TemporaryDirectory() as tmp:
             args = training_arguments(self.recipe, Path(tmp), progress=False)
             if getattr(cls, "needs_reeval", False):

@@ -44,6 +44,18 @@ def test_finetune_writes_adapter_metrics_and_plot(tiny_dir, tmp_path, capsys):
     assert "held-out loss" in printed and "perplexity" in printed
 
 
+def test_finetune_with_recheck(tiny_dir, tmp_path, monkeypatch):
+    from emoq.integrations.transformers import EmoCallback
+
+    seen = []
+    real = EmoCallback._recheck_loss
+    monkeypatch.setattr(EmoCallback, "_recheck_loss", lambda self: seen.append(1) or real(self))
+    out = tmp_path / "run"
+    assert main(tiny_args(tiny_dir, out, "--set", "recheck=true")) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["recipe"]["recheck"] is True and metrics["steps"] == 3 and len(seen) == 3
+
+
 def test_existing_output_needs_overwrite(tiny_dir, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()

@@ -28,7 +28,7 @@ def test_yaml_and_overrides(tmp_path):
     ("optimizer_kwargs={state_precision: int3}", "optimizer_kwargs"), ("model=null", "model"),
     ("optimizer_kwargs=[1]", "optimizer_kwargs"), ("stop_after=0", "stop_after"),
     ("weight_decay=-1", "weight_decay"), ("quant_storage=int4", "quant_storage"),
-    ("fsdp_config=[1]", "fsdp_config"),
+    ("fsdp_config=[1]", "fsdp_config"), ("recheck=1", "recheck"), ("recheck=yes please", "recheck"),
 ])
 def test_bad_keys_and_values_name_the_key(override, key):
     with pytest.raises(RecipeError) as err:
@@ -127,3 +127,9 @@ def test_tokenize_masks_the_prompt_and_pads():
     assert ds[1]["labels"][0] != -100  # a plain-text row is all target
     # a prompt longer than seq_len leaves nothing to learn: the row is dropped, not trained on padding
     assert len(tokenize([{"question": "x" * 100, "answer": "y"}], tok, seq_len=20)) == 0
+
+
+def test_recheck_needs_the_adaptive_pulse():
+    assert load_recipe(None, ["recheck=true"]).recheck is True
+    with pytest.raises(RecipeError, match="'recheck': read by pulse 'adaptive' only"):
+        load_recipe(None, ["recheck=true", "pulse=v3.9"])

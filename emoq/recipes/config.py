@@ -50,6 +50,7 @@ class Recipe:
     optimizer: str = "EmoSens8bit"  # any emoq optimizer class name
     optimizer_kwargs: dict[str, Any] = field(default_factory=dict)
     pulse: str = "adaptive"  # the optimizer's pulse= variant: v3.8 | v3.9 | adaptive (docs/pulse.md)
+    recheck: bool = False  # adaptive only: one more forward per micro-batch feeds its growth veto (docs/pulse.md)
     weight_decay: float = 0.0  # passed to the Trainer (it sets every group's weight decay)
     batch_size: int = 4
     eval_batch_size: int = 8
@@ -91,6 +92,9 @@ class Recipe:
         if self.fsdp_config is not None and self.pulse == "adaptive":
             raise RecipeError("recipe key 'pulse': 'adaptive' does not support fsdp yet (its probe is not sharded, "
                               "docs/distributed.md); set pulse=v3.9 or v3.8 with fsdp_config")
+        if self.recheck and self.pulse != "adaptive":
+            raise RecipeError(f"recipe key 'recheck': read by pulse 'adaptive' only, the recipe's pulse is "
+                              f"{self.pulse!r}; set recheck=false")
         if self.max_train_samples is not None and self.max_train_samples < 1:
             raise RecipeError(f"recipe key 'max_train_samples' must be >= 1, got {self.max_train_samples!r}")
         if self.stop_after is not None and self.stop_after < 1:

@@ -157,7 +157,7 @@ def finetune(recipe: Recipe, progress: bool = True) -> dict[str, Any]:
         optimizer_kwargs = recipe.full_optimizer_kwargs
         trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
                           optimizer_cls_and_kwargs=(recipe.optimizer_cls, optimizer_kwargs),
-                          callbacks=[EmoCallback(stop_after=recipe.stop_after)])
+                          callbacks=[EmoCallback(stop_after=recipe.stop_after, recheck=recipe.recheck)])
         before = evaluate(trainer, eval_ds)
         t0 = time.perf_counter()
         trainer.train()
