@@ -244,6 +244,16 @@ def test_a_failing_recheck_keeps_the_update_and_records_no_ratio(batch, bad):
     assert opt.emo_pulse.steps == 2
 
 
+def test_a_recheck_that_steps_again_is_refused(batch):
+    net = make_net()
+    opt = emoq.EmoSens(net.parameters(), pulse="adaptive")
+    with pytest.raises(RuntimeError, match="called from its own recheck"):
+        opt.step(loss=_one_backward(net, batch), recheck=lambda: opt.step(loss=1.0))
+    assert opt.emo_pulse.steps == 1 and opt.emo_pulse.ratio_avg is None
+    opt.step(loss=_one_backward(net, batch), recheck=lambda: 1.0)  # and the flag is down again
+    assert opt.emo_pulse.steps == 2 and opt.emo_pulse.ratio_avg is not None
+
+
 @pytest.mark.parametrize("after", [float("nan"), float("inf"), torch.tensor(float("nan"))])
 def test_a_non_finite_recheck_counts_as_no_decrease(batch, after):
     net = make_net()

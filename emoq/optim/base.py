@@ -773,6 +773,9 @@ class EmoOptimizer(Optimizer):
         """
         if torch.compiler.is_compiling():
             _refuse_compile(type(self).__name__)
+        if self._in_recheck:
+            raise RuntimeError(f"{type(self).__name__}.step() was called from its own recheck; the recheck only "
+                               "computes the minibatch's loss")
         pending, self._recheck_next = self._recheck_next, None
         if recheck is not None and pending is not None:
             raise RuntimeError(f"{type(self).__name__}.step() got recheck= and a recheck_next() one; give one")
@@ -782,6 +785,7 @@ class EmoOptimizer(Optimizer):
         return self._step(closure, loss, recheck)
 
     _recheck_next: Callable[[], Any] | None = None
+    _in_recheck = False
 
     def recheck_next(self, recheck: Callable[[], Any] | None) -> None:
         """Give the next ``step()`` its ``recheck`` (for integrations that do not call ``step()``
@@ -862,6 +866,7 @@ class EmoOptimizer(Optimizer):
     def _recheck(self, recheck: Callable[[], Any], before: float, dot_before: float, units: list, device: Any) -> None:
         """After an applied update: the minibatch's loss again, and the ratio for the pulse."""
         predicted = dot_before - grad_dot_params(p for _, u in units for p in u.params)
+        self._in_recheck = True
         try:
             value = recheck()
             after = as_loss_float(value, "recheck()'s return value")
@@ -869,6 +874,8 @@ class EmoOptimizer(Optimizer):
             exc.add_note(f"{type(self).__name__}: the update was applied; its recheck failed, so the pulse "
                          "recorded no ratio for it")
             raise
+        finally:
+            self._in_recheck = False
         after, finite = reduce_loss(after, True, device)
         self._pulse.record_ratio(recheck_ratio(before, after if finite else math.inf, predicted))
 
