@@ -5,7 +5,8 @@ launcher is part of what is tested) or in one process::
 
     python -m tests.dist_trainer TINY_LLAMA_DIR OUT_DIR SCENARIO [SCENARIO ...]
 
-Scenarios: ``ddp`` (Trainer; checkpoint at step 2 of 4, then resume from it), ``fsdp2`` (the
+Scenarios: ``ddp`` (Trainer; checkpoint at step 2 of 4, then resume from it), ``recheck`` (the
+same with ``pulse="adaptive"`` and ``EmoCallback(recheck=True)``), ``fsdp2`` (the
 same with FSDP2 and a sharded, DCP checkpoint), ``fsdp2-full`` (FSDP2, full state dict
 checkpoint), ``sft`` (TRL's SFTTrainer), ``cli`` (``emoq finetune`` on the tiny Llama in NF4,
 what ``torchrun -m emoq.cli finetune ...`` runs). Each rank writes what it saw to
@@ -94,15 +95,16 @@ def _trainer(scenario: str, tiny: Path, work: Path):
     tokenizer = AutoTokenizer.from_pretrained(tiny)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)  # full fine-tune, fp32 on CPU
-    opt = (getattr(emoq, OPTIMIZER[0]), dict(OPTIMIZER[1]))
+    opt = (getattr(emoq, OPTIMIZER[0]), dict(OPTIMIZER[1], **({"pulse": "adaptive"} if scenario == "recheck" else {})))
+    callback = EmoCallback(recheck=scenario == "recheck")
     if scenario == "sft":
         from datasets import Dataset
         from trl import SFTTrainer
 
         return SFTTrainer(model=model, args=_args(scenario, work), train_dataset=Dataset.from_dict({"text": TEXTS}),
-                          processing_class=tokenizer, optimizer_cls_and_kwargs=opt, callbacks=[EmoCallback()])
+                          processing_class=tokenizer, optimizer_cls_and_kwargs=opt, callbacks=[callback])
     return Trainer(model=model, args=_args(scenario, work), train_dataset=tokenized_dataset(tokenizer),
-                   optimizer_cls_and_kwargs=opt, callbacks=[EmoCallback()])
+                   optimizer_cls_and_kwargs=opt, callbacks=[callback])
 
 
 def _summary(trainer) -> dict:

@@ -21,7 +21,7 @@ from emoq.recipes.output import MARKER  # noqa: E402
 from tests.tiny_llm import save_tiny_llama  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-SCENARIOS = ["ddp", "sft", "cli", "fsdp2", "fsdp2-full"]  # fsdp2* last (see tests/dist_trainer.py)
+SCENARIOS = ["ddp", "recheck", "sft", "cli", "fsdp2", "fsdp2-full"]  # fsdp2* last (see tests/dist_trainer.py)
 
 
 @pytest.fixture(scope="module")
@@ -60,7 +60,7 @@ def check_run(run, world, *, loss_rel):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("scenario", ["ddp", "fsdp2", "fsdp2-full"])
+@pytest.mark.parametrize("scenario", ["ddp", "recheck", "fsdp2", "fsdp2-full"])
 def test_trainer_two_processes_and_resume(two_processes, scenario):
     _, results = two_processes
     r0, r1 = results[scenario]
@@ -68,9 +68,11 @@ def test_trainer_two_processes_and_resume(two_processes, scenario):
         check_run(r["full"], 2, loss_rel=1e-6)
     # both ranks saw the same pulse history (the loss all-reduce) and logged the same
     assert r0["full"]["pulse_state"] == r1["full"]["pulse_state"] and r0["full"]["logs"] == r1["full"]["logs"]
-    if scenario == "ddp":
+    if scenario in ("ddp", "recheck"):
         assert r0["full"]["wrapped"] == "DistributedDataParallel" and r0["full"]["param_types"] == ["Parameter"]
         assert "optimizer.pt" in r0["full"]["checkpoint"]
+        # the recheck's ratio average: recorded, the same on both ranks (checked above), resumed below
+        assert (r0["full"]["pulse_state"].get("ratio_avg") is not None) == (scenario == "recheck")
     else:  # FSDP2: DTensor parameters, sharded low-bit states, accelerate's FSDP2 checkpoints
         assert r0["full"]["param_types"] == ["DTensor"] and r0["full"]["lowbit_states"] > 0
         want = "optimizer_0" if scenario == "fsdp2" else "optimizer.bin"  # DCP folder / full state dict
