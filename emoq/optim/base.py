@@ -119,6 +119,12 @@ def as_loss_float(loss: Any, what: str) -> float:
     raise TypeError(f"{what} must be a float or a 0-dim tensor, got {type(loss).__name__}")
 
 
+FLOAT64_MESSAGE = (
+    "{name} does not support float64 parameters: its rules compute in fp32, so each step would round the "
+    "weights to fp32 values; train in float32 (or bf16/fp16 with compensation=), or use a torch optimizer "
+    "for float64 work"
+)
+
 RECHECK_CHUNK = 1 << 20  # elements converted to float64 at a time (16 MB per operand)
 
 
@@ -180,15 +186,9 @@ def grads_in_range(norms: list[Tensor], squares: list[Tensor]) -> bool:
 
 
 def grad_norms(grads: list[Tensor]) -> list[Tensor]:
-    """The 2-norm of each gradient as float32, in one call (torch's multi-tensor norm: one pass per
-    tensor, no Python per tensor). A float64 gradient's norm is taken in float64 and rounded once
-    (the multi-tensor norm refuses to narrow): one beyond fp32's range becomes inf and fails the
-    range check, like any other gradient whose squares overflow fp32."""
-    if not grads:
-        return []
-    if any(g.dtype == torch.float64 for g in grads):
-        return [torch.linalg.vector_norm(g).float() for g in grads]
-    return list(torch._foreach_norm(grads, 2, dtype=torch.float32))
+    """The 2-norm of each gradient, in one call (torch's multi-tensor norm: one pass per tensor,
+    no Python per tensor)."""
+    return list(torch._foreach_norm(grads, 2, dtype=torch.float32)) if grads else []
 
 
 DOT_MIN = 1 << 16
@@ -588,6 +588,8 @@ class EmoOptimizer(Optimizer):
             tensor = p[1] if isinstance(p, tuple) and len(p) == 2 else p  # (name, param) pairs too
             if isinstance(tensor, Tensor) and torch.is_complex(tensor):
                 raise ValueError(f"{name} does not support complex parameters")
+            if isinstance(tensor, Tensor) and tensor.dtype == torch.float64:
+                raise ValueError(FLOAT64_MESSAGE.format(name=name))
         super().add_param_group({**param_group, "params": params})
         group = self.param_groups[-1]
         group["betas"] = tuple(group["betas"])
@@ -695,6 +697,8 @@ class EmoOptimizer(Optimizer):
                 raise RuntimeError(f"{name} does not support {what}")
             if grad.is_complex():
                 raise RuntimeError(f"{name} does not support complex gradients")
+            if p.dtype == torch.float64:  # converted after construction (model.double())
+                raise RuntimeError(FLOAT64_MESSAGE.format(name=name))
             shape = p.shape
             if grad.shape != shape:
                 raise RuntimeError(f"{name}: a gradient of shape {tuple(grad.shape)} for a parameter of shape "
