@@ -1,4 +1,10 @@
-"""Research (stop 21): a same-minibatch Armijo signal for the Adam-type pulse. Not in the library.
+"""Research (stop 21): a same-minibatch Armijo signal for the Adam-type pulse.
+
+Its ``veto:c=0.65`` mode is in the library since stop 22 as ``step(..., recheck=fn)`` with
+``pulse="adaptive"`` (emoq/pulse.py ``EmoPulseAdaptive``; the library clamps each ratio to [-1, 1],
+this harness does not: without the clamp the library reproduces this harness bit for bit, digits
+seeds 100-102). The study runs the library's through ``bench.pulse_study`` / ``bench.qlora_study``
+specs ``"EmoSens fp32 adaptive+recheck scope=1"``; this module stays for the other modes.
 
 After a step on minibatch ``B`` the loss of the *same* minibatch is evaluated once more (one
 forward, no backward) and compared with what the gradient predicted::
