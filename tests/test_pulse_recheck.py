@@ -14,7 +14,8 @@ import emoq
 from emoq.optim.base import grad_dot_params, recheck_ratio
 from emoq.pulse import EmoPulseAdaptive
 from tests.conftest import make_net, resume_from_bytes
-from tests.dist_workers import spawn
+from tests.dist_workers import free_port, spawn
+from tests.test_pulse_adaptive import _data, _net
 
 A = EmoPulseAdaptive
 
@@ -302,24 +303,6 @@ def test_a_checkpoint_from_before_the_recheck_loads_and_a_bad_average_is_refused
 
 
 # ---------------------------------------------------------------- two gloo ranks
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _net():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
-
-
-def _data(step):
-    g = torch.Generator().manual_seed(step)
-    return torch.randn(16, 32, generator=g), torch.randint(0, 4, (16,), generator=g)
-
-
 def _run(model, net, rank, world):
     opt = emoq.EmoSens(model.parameters(), pulse="adaptive")
     pulses, ratios = [], []
@@ -354,7 +337,7 @@ def _worker(rank, world, port, out_dir):
 def test_two_gloo_ranks_recheck_the_whole_batch(tmp_path):
     # each rank rechecks its half; the mean over ranks is the whole batch's loss after the step,
     # so both ranks and one process on the whole batch record the same ratios
-    spawn(_worker, (2, _free_port(), str(tmp_path)))
+    spawn(_worker, (2, free_port(), str(tmp_path)))
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert r0["pulses"] == r1["pulses"] and r0["ratios"] == r1["ratios"]
     assert all(torch.equal(u, v) for u, v in zip(r0["params"], r1["params"]))
