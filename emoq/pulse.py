@@ -393,9 +393,10 @@ class EmoPulseAdaptive(EmoPulse):
         if ratio_avg < VETO (0.65): eta may not grow this step (it may shrink)
 
     A ratio near 1 says the step is still in the region where the loss is linear; it falls as
-    the step nears the curvature's scale. Measured (bench/README.md "Stop 21"): EmoSens on the
-    char-LM 1.069x the best AdamW without it, 1.038x with it (20 seeds); digits and the QLoRA
-    recipe unchanged within noise. Without recheck (``ratio_avg`` None) nothing changes.
+    the step nears the curvature's scale. Measured (bench/README.md "Stop 22"): EmoSens on the
+    char-LM 1.069x the best AdamW without it, 1.038x with it (20 seeds); digits within 1.05x of
+    the best scope either way, the QLoRA recipe unchanged. Without recheck (``ratio_avg`` None)
+    nothing changes.
     eta never anneals below ``STOP_RATIO`` (1/100) of the largest value it reached, except where
     the Polyak bound is lower (the floor then lifts it back at most ``e**MAX_CHANGE`` per step:
     eta never rises faster than that); the stop signal (advice, the scope is untouched) holds while it
