@@ -71,8 +71,10 @@ class EmoPulse:
     variants: ClassVar[dict[str, type[EmoPulse]]] = {}
     #: the per-step tensor statistics a variant needs from the optimizer (see ``needs_probe``)
     needs_probe: ClassVar[bool] = False
-    #: whether the variant reads the recheck ratio (:meth:`record_ratio`; the optimizers' ``recheck=``)
-    uses_recheck: ClassVar[bool] = False
+    #: whether this pulse reads the recheck ratio (:meth:`record_ratio`; the optimizers' ``recheck=``)
+    uses_recheck: bool = False
+    #: what ``recheck=`` needs, for the refusal's message
+    RECHECK_NEEDS = "pulse='adaptive' and an Adam-type rule (EmoSens, rule_kind 'adam')"
     _CORE_FIELDS: ClassVar[tuple[str, ...]] = (
         "short", "medium", "long", "noise", "d", "hist", "scope", "scalar", "trust", "eta", "should_stop", "steps")
     _FIELDS: ClassVar[tuple[str, ...]] = ()  # the variant's own state, after the core's
@@ -221,8 +223,7 @@ class EmoPulse:
     def record_ratio(self, ratio: float) -> None:
         """Take one recheck ratio (see :class:`EmoPulseAdaptive`); only a variant with
         ``uses_recheck`` reads it, the others raise ``ValueError``."""
-        raise ValueError(f"the {self.name!r} pulse does not read a recheck ratio (recheck= is read by "
-                         "pulse='adaptive' only)")
+        raise ValueError(f"the {self.name!r} pulse does not read a recheck ratio (recheck= needs {self.RECHECK_NEEDS})")
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -415,7 +416,6 @@ class EmoPulseAdaptive(EmoPulse):
 
     name = "adaptive"
     needs_probe = True
-    uses_recheck = True
     _FIELDS = ("log_eta", "log_peak", "cos", "avg_loss", "avg_l1", "ratio_avg")
     _OPTIONAL = EmoPulse._OPTIONAL + ("cos", "avg_loss", "avg_l1", "ratio_avg")
     #: fields a checkpoint from before they existed may lack: they restart (the bound's averages,
@@ -442,8 +442,17 @@ class EmoPulseAdaptive(EmoPulse):
         self.avg_l1: float | None = None
         self.ratio_avg: float | None = None
 
+    @property
+    def uses_recheck(self) -> bool:  # type: ignore[override]
+        """Adam-type steps only: on the charLM the veto held the sign kinds' eta too low (EmoAiry,
+        EmoCats, EmoTion 1.056-1.059x their best scope with it, 1.049-1.050x without; bench/README.md
+        "Stop 22")."""
+        return self.rule_kind == "adam"
+
     def record_ratio(self, ratio: float) -> None:
         """Average one recheck ratio, clamped to [-1, 1] (read by the next step's growth veto)."""
+        if not self.uses_recheck:
+            super().record_ratio(ratio)
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio):
             raise ValueError(f"a recheck ratio must be a finite float, got {ratio!r}")
         ratio = max(-1.0, min(1.0, float(ratio)))

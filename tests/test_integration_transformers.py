@@ -31,7 +31,8 @@ def qlora_model(path):
                                                  task_type="CAUSAL_LM"))
 
 
-def make_trainer(path, tmp_path, callbacks=(), trainer_cls=None, optimizer=None, pulse="v3.8", **overrides):
+def make_trainer(path, tmp_path, callbacks=(), trainer_cls=None, optimizer=None, pulse="v3.8", family=None,
+                 **overrides):
     from transformers import AutoTokenizer, Trainer, TrainingArguments
 
     model = qlora_model(path)
@@ -42,7 +43,7 @@ def make_trainer(path, tmp_path, callbacks=(), trainer_cls=None, optimizer=None,
     args = TrainingArguments(**kw)
     ds = tokenized_dataset(AutoTokenizer.from_pretrained(path))
     opt_kw = {"optimizers": (optimizer(model), None)} if optimizer else \
-        {"optimizer_cls_and_kwargs": (emoq.EmoAiry8bit, {"pulse": pulse})}
+        {"optimizer_cls_and_kwargs": (family or emoq.EmoAiry8bit, {"pulse": pulse})}
     return (trainer_cls or Trainer)(model=model, args=args, train_dataset=ds, callbacks=list(callbacks), **opt_kw)
 
 
@@ -281,8 +282,8 @@ def test_recheck_recomputes_the_update_loss_with_the_new_weights(tiny_dir, tmp_p
             return super().training_step(model, inputs, num_items_in_batch)
 
     trainer = make_trainer(tiny_dir, tmp_path, callbacks=[EmoCallback(recheck=True)], trainer_cls=Recording,
-                           pulse="adaptive")
-    real_step = emoq.EmoAiry8bit.recheck_next
+                           pulse="adaptive", family=emoq.EmoSens8bit)
+    real_step = emoq.EmoSens8bit.recheck_next
 
     def recheck_next(self, fn):
         def wrapped():
@@ -299,11 +300,11 @@ def test_recheck_recomputes_the_update_loss_with_the_new_weights(tiny_dir, tmp_p
             return got
         return real_step(self, None if fn is None else wrapped)
 
-    emoq.EmoAiry8bit.recheck_next = recheck_next
+    emoq.EmoSens8bit.recheck_next = recheck_next
     try:
         logs = train_logs(trainer)
     finally:
-        emoq.EmoAiry8bit.recheck_next = real_step
+        emoq.EmoSens8bit.recheck_next = real_step
     assert len(logs) == 6 and len(checks) == 6
     for got, want in checks:
         assert got == pytest.approx(want, rel=1e-5)
@@ -319,11 +320,12 @@ def test_recheck_is_refused_where_it_cannot_be_exact(tiny_dir, tmp_path):
             return super().compute_loss(*args, **kwargs)
 
     trainer = make_trainer(tiny_dir, tmp_path, callbacks=[EmoCallback(recheck=True)], trainer_cls=OwnLoss,
-                           pulse="adaptive")
+                           pulse="adaptive", family=emoq.EmoSens8bit)
     with pytest.raises(ValueError, match="overrides it"):
         trainer.train()
-    trainer = make_trainer(tiny_dir, tmp_path, callbacks=[EmoCallback(recheck=True)])  # pulse v3.8
-    with pytest.raises(ValueError, match="pulse='adaptive' only"):
-        trainer.train()
+    for pulse, family in [("v3.8", emoq.EmoSens8bit), ("adaptive", emoq.EmoAiry8bit)]:  # another pulse, a sign rule
+        trainer = make_trainer(tiny_dir, tmp_path, callbacks=[EmoCallback(recheck=True)], pulse=pulse, family=family)
+        with pytest.raises(ValueError, match="recheck= needs pulse='adaptive' and an Adam-type rule"):
+            trainer.train()
     with pytest.raises(TypeError, match="recheck must be a bool"):
         EmoCallback(recheck="yes")

@@ -131,5 +131,6 @@ def test_tokenize_masks_the_prompt_and_pads():
 
 def test_recheck_needs_the_adaptive_pulse():
     assert load_recipe(None, ["recheck=true"]).recheck is True
-    with pytest.raises(RecipeError, match="'recheck': read by pulse 'adaptive' only"):
-        load_recipe(None, ["recheck=true", "pulse=v3.9"])
+    for override in ("pulse=v3.9", "optimizer=EmoAiry8bit", "optimizer=EmoCats"):
+        with pytest.raises(RecipeError, match="'recheck': needs pulse='adaptive' and an Adam-type rule"):
+            load_recipe(None, ["recheck=true", override])

@@ -803,8 +803,8 @@ class EmoOptimizer(Optimizer):
         if not callable(recheck):
             raise TypeError(f"recheck must be a callable returning the minibatch's loss, got {type(recheck).__name__}")
         if not self._pulse.uses_recheck:
-            raise ValueError(f"{type(self).__name__}: recheck= is read by pulse='adaptive' only; this optimizer's "
-                             f"pulse is {self._pulse.name!r}")
+            raise ValueError(f"{type(self).__name__}: recheck= needs {self._pulse.RECHECK_NEEDS}; this optimizer's "
+                             f"pulse is {self._pulse.name!r}, its rule kind {self._pulse.rule_kind!r}")
 
     @torch.compiler.disable(reason="an emoq step runs eagerly (its low-bit kernels are compiled on their own)")
     @torch.no_grad()

@@ -92,9 +92,6 @@ class Recipe:
         if self.fsdp_config is not None and self.pulse == "adaptive":
             raise RecipeError("recipe key 'pulse': 'adaptive' does not support fsdp yet (its probe is not sharded, "
                               "docs/distributed.md); set pulse=v3.9 or v3.8 with fsdp_config")
-        if self.recheck and self.pulse != "adaptive":
-            raise RecipeError(f"recipe key 'recheck': read by pulse 'adaptive' only, the recipe's pulse is "
-                              f"{self.pulse!r}; set recheck=false")
         if self.max_train_samples is not None and self.max_train_samples < 1:
             raise RecipeError(f"recipe key 'max_train_samples' must be >= 1, got {self.max_train_samples!r}")
         if self.stop_after is not None and self.stop_after < 1:
@@ -127,6 +124,9 @@ class Recipe:
         problem = scope_problem(self.optimizer, probe.emo_pulse.initial_scope)
         if problem:
             raise RecipeError(f"recipe key 'optimizer_kwargs': {problem}")
+        if self.recheck and not probe.emo_pulse.uses_recheck:
+            raise RecipeError(f"recipe key 'recheck': needs {probe.emo_pulse.RECHECK_NEEDS}; the recipe has pulse "
+                              f"{self.pulse!r} and {self.optimizer}; set recheck=false")
         return self
 
     @property
