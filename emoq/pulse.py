@@ -445,8 +445,8 @@ class EmoPulseAdaptive(EmoPulse):
     @property
     def uses_recheck(self) -> bool:  # type: ignore[override]
         """Adam-type steps only: on the charLM the veto held the sign kinds' eta too low (EmoAiry,
-        EmoCats, EmoTion 1.056-1.059x their best scope with it, 1.049-1.050x without; bench/README.md
-        "Stop 22")."""
+        EmoCats, EmoTion 1.056-1.060x their best scope with it, 1.041-1.052x without, seeds
+        100-102; bench/README.md "Stop 22")."""
         return self.rule_kind == "adam"
 
     def record_ratio(self, ratio: float) -> None:

@@ -18,7 +18,7 @@ What it does, once training starts:
   ``learning_rate`` = the real step size η, ``emo_pulse`` (η of the last update), ``emo_loss``
   (the mean pulse loss since the last log, comparable to ``loss``) and ``emo_should_stop``;
 * optionally stops training when the stop signal holds for ``stop_after`` consecutive updates;
-* with ``recheck=True`` (``pulse="adaptive"``), keeps each micro-batch's inputs and gives the
+* with ``recheck=True`` (EmoSens with ``pulse="adaptive"``), keeps each micro-batch's inputs and gives the
   optimizer a recheck (``recheck_next``) that computes the update's loss again, the same way,
   with the updated weights: one more forward per micro-batch, under ``torch.no_grad()``;
 * keeps bitsandbytes from repacking NF4 weights for CPU inference during evaluations (the
@@ -112,8 +112,8 @@ class EmoCallback(TrainerCallback, ExportableState):
         recheck: feed ``pulse="adaptive"`` its recheck (see the module docstring and
             :meth:`~emoq.EmoOptimizer.step`). Needs the Trainer's own ``compute_loss`` (a
             subclass that overrides it, such as TRL's ``SFTTrainer``, may count metrics per call:
-            refused with ``ValueError`` at ``on_train_begin``) and an optimizer built with
-            ``pulse="adaptive"``.
+            refused with ``ValueError`` at ``on_train_begin``) and an Adam-type optimizer
+            (EmoSens) built with ``pulse="adaptive"``.
     """
 
     def __init__(self, stop_after: int | None = None, trainer: Trainer | None = None, recheck: bool = False) -> None:

@@ -759,7 +759,8 @@ class EmoOptimizer(Optimizer):
              recheck: Callable[[], Any] | None = None) -> Any:
         """One update. The loss comes from ``closure``, ``loss=`` or the recorded micro-batch losses.
 
-        ``recheck`` (``pulse="adaptive"`` only): a callable returning the loss of the *same*
+        ``recheck`` (``pulse="adaptive"`` with an Adam-type rule, i.e. EmoSens, only; others raise
+        ``ValueError`` before anything changes): a callable returning the loss of the *same*
         minibatch (all of this update's micro-batches, averaged like the step's loss) with the
         updated weights. It runs once after the update, under ``torch.no_grad()``; the pulse
         averages ``(loss - recheck()) / <g, x - x_new>`` and holds its growth while that average
