@@ -249,6 +249,16 @@ def test_a_failing_recheck_keeps_the_update_and_records_no_ratio(batch, bad):
     assert opt.emo_pulse.steps == 2
 
 
+def test_a_step_that_moves_no_parameter_does_not_recheck():
+    # nothing was predicted, so no ratio: a -1 here would veto growth for nothing (hostile pass)
+    z = torch.nn.Parameter(torch.zeros(0, 3))
+    z.grad = torch.zeros(0, 3)
+    p = torch.nn.Parameter(torch.randn(4))  # no gradient
+    opt = emoq.EmoSens([z, p], pulse="adaptive")
+    opt.step(loss=1.0, recheck=lambda: pytest.fail("called"))
+    assert opt.emo_pulse.steps == 1 and opt.emo_pulse.ratio_avg is None
+
+
 def test_a_recheck_that_steps_again_is_refused(batch):
     net = make_net()
     opt = emoq.EmoSens(net.parameters(), pulse="adaptive")

@@ -766,8 +766,9 @@ class EmoOptimizer(Optimizer):
         averages ``(loss - recheck()) / <g, x - x_new>`` and holds its growth while that average
         is under ``VETO`` (:class:`~emoq.pulse.EmoPulseAdaptive`). Cost: one forward per update and
         two reads of every gradient and parameter. Under ``torch.distributed`` every rank must
-        call it (its value is averaged over ranks). A skipped step does not call it. If it
-        raises, the update stays applied and no ratio is recorded.
+        call it (its value is averaged over ranks). A skipped step, or one that moved no
+        parameter (none has a gradient), does not call it. If it raises, the update stays applied
+        and no ratio is recorded.
 
         All or nothing: everything that can fail is checked before anything changes. A
         non-finite loss, or a gradient that is non-finite or whose sum of squares exceeds fp32
@@ -859,7 +860,7 @@ class EmoOptimizer(Optimizer):
                 raise
             for group in self.param_groups:
                 group["lr"] = lr
-            if recheck is not None:
+            if recheck is not None and units:  # no parameter moved: nothing to recheck
                 self._recheck(recheck, loss_value, dot_before, units, device)
             return result
         finally:  # the units are cached: holding this step's gradients would keep them alive after
